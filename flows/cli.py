@@ -1,0 +1,280 @@
+"""`freetalk`: the command line, a thin layer over the flows."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from flows.runtime import configure_environment, resolve_store
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tuning-free talking-face generation.")
+models_app = typer.Typer(no_args_is_help=True, help="Set up and check model checkpoints.")
+app.add_typer(models_app, name="models")
+
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs.")
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _models_dir(models: Optional[Path]) -> Path:
+    from freetalk_core.models import resolve_models_dir
+
+    return resolve_models_dir(models)
+
+
+class StageBars:
+    """Rich progress bars, one per stage, fed by `tasks.common.progress`."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description:<18}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=__import__("rich.console").console.Console(stderr=True))
+        self.bars: dict[tuple[str, str], int] = {}
+
+    def __call__(self, item_id: str, stage: str, done: int, total: int) -> None:
+        key = (item_id, stage)
+        if key not in self.bars:
+            self.bars[key] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.bars[key], completed=done, total=total)
+
+    def __enter__(self):
+        from tasks.common import progress
+
+        progress.subscribe(self)
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        from tasks.common import progress
+
+        self.progress.stop()
+        progress.unsubscribe(self)
+
+
+def run_pair(identity: Path, lip_ref: Path, out: Path, *, audio: Optional[Path], store: Path,
+             models: Path, show_progress: bool = True, **settings) -> tuple[str, Path]:
+    """Run the `generate` flow for one pair, copying the result to `out`.
+
+    Returns the item id and the output path."""
+    from flows.generate import generate_to, make_job
+    from flows.runtime import store_settings
+    from freetalk_core.models import describe_models
+
+    missing = [f"missing {e.path} ({e.what})" for e in describe_models(models) if not e.present]
+    if missing:
+        raise_model_problems(models, missing)
+    job = make_job(identity, lip_ref, audio=audio, store=store, models=models, **settings)
+    with store_settings(store):
+        if show_progress:
+            with StageBars():
+                return job.item_id, generate_to(job, out)
+        return job.item_id, generate_to(job, out)
+
+
+def raise_model_problems(models: Path, problems: list[str]) -> None:
+    from freetalk_core.errors import ModelFileError
+
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    raise ModelFileError(f"models in {models} are not usable: {problems[0]}{more}; "
+                         f"run `freetalk models check {models}`, then `freetalk models download` "
+                         f"(or `freetalk models tiny` for tests)")
+
+
+@app.command()
+def generate(
+    identity: Path = typer.Argument(..., help="Video of the person who should speak."),
+    lip_ref: Path = typer.Argument(..., help="Video of anyone speaking the wanted words."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output MP4."),
+    audio: Optional[Path] = typer.Option(None, help="Audio to use instead of the lip reference's."),
+    store: Optional[Path] = typer.Option(None, help="Store directory [$FREETALK_STORE or ./freetalk-store]."),
+    models: Optional[Path] = typer.Option(None, help="Models directory [$FREETALK_MODELS]."),
+    steps: int = typer.Option(20, min=1, help="DPM-Solver++ steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    seed: int = typer.Option(42, help="Seed of the initial noise shared by all frames."),
+    batch_size: int = typer.Option(4, min=1, help="Frames per diffusion batch."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Make IDENTITY speak with the lip motion of LIP_REF."""
+    configure_environment(verbose)
+    from freetalk_core.errors import FreetalkError
+
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
+    store_dir = resolve_store(store)
+    try:
+        models_dir = _models_dir(models)
+        item_id, result = run_pair(identity, lip_ref, out, audio=audio, store=store_dir, models=models_dir,
+                          steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                          device=device, show_progress=not verbose)
+        if preview:
+            from flows.preview import write_previews
+
+            for path in write_previews(store_dir, item_id, result.parent, stem=result.stem):
+                typer.echo(f"preview: {path}")
+    except FreetalkError as exc:
+        fail(str(exc))
+    typer.echo(str(result))
+
+
+@app.command()
+def dataset(
+    manifest: Path = typer.Argument(..., help="CSV or Parquet: item_id, identity, lip_ref[, audio]."),
+    store: Optional[Path] = typer.Option(None, help="Store directory [$FREETALK_STORE or ./freetalk-store]."),
+    models: Optional[Path] = typer.Option(None, help="Models directory [$FREETALK_MODELS]."),
+    batch_size: int = typer.Option(4, min=1, help="Frames per diffusion batch."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Generate every pair of MANIFEST not already done; failures are recorded, the rest goes on."""
+    configure_environment(verbose)
+    from flows.dataset import process_dataset
+    from flows.runtime import store_settings
+    from freetalk_core.errors import FreetalkError
+    from freetalk_core.models import describe_models
+
+    store_dir = resolve_store(store)
+    try:
+        models_dir = _models_dir(models)
+        missing = [f"missing {e.path}" for e in describe_models(models_dir) if not e.present]
+        if missing:
+            raise_model_problems(models_dir, missing)
+        with store_settings(store_dir), StageBars():
+            results = process_dataset(str(manifest), str(store_dir), str(models_dir),
+                                      batch_size=batch_size, device=device)
+    except FreetalkError as exc:
+        fail(str(exc))
+    from storage import Store
+
+    failed = {k for k, v in results.items() if v != "done"}
+    for item_id in sorted(failed):
+        typer.echo(f"failed: {item_id}: {Store(store_dir).item(item_id)['error']}", err=True)
+    typer.echo(f"{len(results) - len(failed)} done, {len(failed)} failed ({store_dir})")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(store: Optional[Path] = typer.Argument(None, help="Store directory.")) -> None:
+    """What is done, running, pending and failed in STORE, from what is on disk."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from storage import Store
+
+    s = Store(resolve_store(store))
+    items = s.items()
+    if not items:
+        typer.echo(f"{s.root}: no items")
+        return
+    rows = s.stage_rows()
+    table = Table(title=str(s.root))
+    for col in ("item", "status", "frames", "stages done", "seconds", "error / output"):
+        table.add_column(col)
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item["status"]] = counts.get(item["status"], 0) + 1
+        mine = [r for r in rows if r["item_id"] == item["item_id"]]
+        stages = sorted({r["stage"] for r in mine if r["status"] == "done"})
+        seconds = sum(r["seconds"] for r in mine if r["status"] == "done")
+        table.add_row(item["item_id"], item["status"], str(item["n_frames"] or ""),
+                      f"{len(stages)}/8", f"{seconds:.1f}",
+                      item["error"] or item["output"] or "")
+    Console().print(table)
+    typer.echo(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if counts.get("failed"):
+        raise typer.Exit(1)
+
+
+@models_app.command("tiny")
+def models_tiny(directory: Path = typer.Argument(..., help="Where to write the tiny models.")) -> None:
+    """Write tiny random-weight checkpoints in the real on-disk formats (for tests and demos)."""
+    configure_environment()
+    from freetalk_core.errors import FreetalkError
+    from freetalk_core.models import write_tiny_models
+
+    try:
+        write_tiny_models(directory)
+    except FreetalkError as exc:
+        fail(str(exc))
+    typer.echo(f"tiny models written to {directory} (random weights: outputs are noise by design)")
+
+
+@models_app.command("download")
+def models_download(directory: Path = typer.Argument(..., help="Where to put the real checkpoints.")) -> None:
+    """Download the real checkpoints (needs internet), verified by checksum."""
+    configure_environment()
+    from freetalk_core.errors import FreetalkError
+    from freetalk_core.models import download_models
+
+    try:
+        download_models(directory)
+    except FreetalkError as exc:
+        fail(str(exc))
+
+
+@models_app.command("check")
+def models_check(directory: Optional[Path] = typer.Argument(None, help="Models directory [$FREETALK_MODELS].")) -> None:
+    """Say what is present, what is missing and what is wrong; exit 1 on any problem."""
+    configure_environment()
+    from freetalk_core.errors import FreetalkError
+    from freetalk_core.models import check_models, format_description
+
+    try:
+        directory = _models_dir(directory)
+    except FreetalkError as exc:
+        fail(str(exc))
+    typer.echo(format_description(directory))
+    problems = check_models(directory)
+    for problem in problems:
+        typer.echo(f"problem: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{directory}: all components present and usable")
+
+
+@app.command()
+def verify(files: list[Path] = typer.Argument(..., help="Videos to check.")) -> None:
+    """Planned: tell whether a video carries freetalk's provenance manifest and watermark."""
+    fail("verify is not available yet: provenance manifests and watermarks are planned", 2)
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("freetalk-demo"), "-o", "--out-dir", help="Where results go."),
+    identity: Optional[Path] = typer.Option(None, help="Identity clip instead of the built-in one."),
+    lip_ref: Optional[Path] = typer.Option(None, help="Lip-reference clip instead of the built-in one."),
+    models: Optional[Path] = typer.Option(None, help="Models directory [$FREETALK_MODELS, else tiny ones in OUT_DIR]."),
+    seconds: float = typer.Option(2.0, help="Length of the built-in clips."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """The main job on embedded defaults: tiny models, a built-in pair, output and previews."""
+    configure_environment(verbose)
+    from flows.demo import run_demo
+    from freetalk_core.errors import FreetalkError
+
+    try:
+        written = run_demo(out_dir, identity=identity, lip_ref=lip_ref, models=models,
+                           seconds=seconds, show_progress=not verbose)
+    except FreetalkError as exc:
+        fail(str(exc))
+    for path in written:
+        typer.echo(str(path))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

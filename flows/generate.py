@@ -1,0 +1,141 @@
+"""The `generate` flow: one (identity, lip reference) pair through the eight stages."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from freetalk_core import video
+from freetalk_core.errors import FreetalkError, VideoReadError
+from storage import Store, sha256_file
+from tasks.clip_embed import clip_embed
+from tasks.common import ItemJob, StageRef, models_fingerprint, one_line, progress, stage_key
+from tasks.controller import controller
+from tasks.diffusion import diffusion
+from tasks.face_crop import face_crop
+from tasks.fit_3dmm import fit_3dmm
+from tasks.noise_filter import noise_filter
+from tasks.optical_flow import optical_flow
+from tasks.structure_render import structure_render
+
+
+def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, models: str | Path,
+             audio: str | Path | None = None, item_id: str | None = None, **settings) -> ItemJob:
+    """Describe one pair: resolves paths, hashes the inputs, names the item."""
+    paths = {"identity": identity, "lip_ref": lip_ref, "audio": audio}
+    hashes = {}
+    for role, path in paths.items():
+        if path is None:
+            continue
+        path = Path(path)
+        if not path.is_file():
+            raise VideoReadError(f"{role} file not found: {path} (check the path)")
+        paths[role] = str(path.resolve())
+        hashes[f"{role}_sha256"] = sha256_file(path)
+    if item_id is None:
+        item_id = default_item_id(paths["identity"], paths["lip_ref"], hashes, settings)
+    return ItemJob(store=str(Path(store).expanduser().resolve()), item_id=item_id,
+                   models=str(Path(models).expanduser().resolve()),
+                   **{k: v for k, v in paths.items() if v is not None}, **hashes, **settings)
+
+
+def default_item_id(identity: str, lip_ref: str, hashes: dict, settings: dict) -> str:
+    """`<identity stem>__<lip stem>__<hash of inputs and result-changing settings>`."""
+    result_settings = {k: v for k, v in sorted(settings.items())
+                       if k not in ("batch_size", "device", "chunk_frames")}
+    digest = hashlib.sha256(repr((sorted(hashes.items()), result_settings)).encode()).hexdigest()[:10]
+    stem = lambda p: re.sub(r"[^A-Za-z0-9_-]+", "-", Path(p).stem)[:40].strip("-") or "video"  # noqa: E731
+    return f"{stem(identity)}__{stem(lip_ref)}__{digest}"
+
+
+def stage_keys(job: ItemJob) -> dict[str, str]:
+    """Every stage's key, chained so a change upstream reaches everything downstream."""
+    models = Path(job.models)
+    fp = lambda *parts: [models_fingerprint(models, p) for p in parts]  # noqa: E731
+    params = {
+        "face_crop": {"identity": job.identity_sha256, "lip_ref": job.lip_ref_sha256,
+                      "audio": job.audio_sha256, "fps": job.fps},
+        "fit_3dmm": {"eos": fp("eos")},
+        "structure_render": {},
+        "clip_embed": {"models": fp("image_encoder", "insightface")},
+        "controller": {"lambda_range": list(job.lambda_range)},
+        "diffusion": {"models": fp("sd15-inpainting", "ip-adapter"), "steps": job.steps,
+                      "guidance": job.guidance, "seed": job.seed, "ip": job.ip_adapter_scale},
+        "optical_flow": {"reference": job.flow_reference},
+        "noise_filter": {"kernel_size": job.kernel_size, "audio": job.audio_sha256},
+    }
+    upstream = {
+        "face_crop": [], "fit_3dmm": ["face_crop"], "structure_render": ["face_crop", "fit_3dmm"],
+        "clip_embed": ["face_crop", "structure_render"], "controller": ["face_crop", "clip_embed"],
+        "diffusion": ["face_crop", "clip_embed", "controller"],
+        "optical_flow": ["face_crop", "structure_render", "diffusion"],
+        "noise_filter": ["face_crop", "diffusion", "optical_flow"],
+    }
+    keys: dict[str, str] = {}
+    for stage, p in params.items():
+        refs = [StageRef(item_id=job.item_id, stage=u, key=keys[u], frames=0) for u in upstream[stage]]
+        keys[stage] = stage_key(stage, {**p, "store": job.store}, refs)
+    return keys
+
+
+@flow(name="generate", log_prints=True)
+def generate(job: ItemJob) -> str:
+    """Identity video + lip reference -> the identity speaking with the lip motion (MP4).
+
+    Returns the path of the output in the store.
+    """
+    store = Store(job.store)
+    keys = stage_keys(job)
+    store.record_item(job.item_id, "running", identity=job.identity, lip_ref=job.lip_ref,
+                      audio=job.audio, identity_sha256=job.identity_sha256,
+                      lip_ref_sha256=job.lip_ref_sha256, audio_sha256=job.audio_sha256,
+                      fps=job.fps)
+    try:
+        crops = finished(face_crop(job, keys["face_crop"]))
+        fits = finished(fit_3dmm(job, keys["fit_3dmm"], crops))
+        structure = finished(structure_render(job, keys["structure_render"], crops, fits))
+        embeddings = finished(clip_embed(job, keys["clip_embed"], crops, structure))
+        controlled = finished(controller(job, keys["controller"], crops, embeddings))
+        generated = finished(diffusion(job, keys["diffusion"], crops, embeddings, controlled))
+        flows = finished(optical_flow(job, keys["optical_flow"], crops, structure, generated))
+        finished(noise_filter(job, keys["noise_filter"], crops, generated, flows))
+    except Exception as exc:
+        store.record_item(job.item_id, "failed", error=one_line(exc))
+        if not isinstance(exc, FreetalkError):
+            get_run_logger().exception("item %s failed", job.item_id)
+        raise
+    output = store.output_path(job.item_id)
+    store.record_item(job.item_id, "done", n_frames=crops.frames, output=str(output),
+                      output_sha256=store.attrs(job.item_id, "noise_filter")["output_sha256"])
+    return str(output)
+
+
+def finished(ref: StageRef) -> StageRef:
+    progress.update(ref.item_id, ref.stage, 1, 1)
+    return ref
+
+
+def generate_to(job: ItemJob, out: str | Path) -> Path:
+    """Run `generate` and copy the store's output to `out`."""
+    produced = Path(generate(job))
+    out = Path(out).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out != produced:
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.copyfile(produced, tmp)
+        tmp.replace(out)
+    return out
+
+
+@flow(name="generate-pair")
+def generate_pair(identity: str, lip_ref: str, out: str, store: str, models: str,
+                  audio: str | None = None, steps: int = 20, guidance: float = 7.5,
+                  seed: int = 42, batch_size: int = 4, device: str = "auto") -> str:
+    """Deployment entry point: plain parameters in, the output path out."""
+    job = make_job(identity, lip_ref, audio=audio, store=store, models=models, steps=steps,
+                   guidance=guidance, seed=seed, batch_size=batch_size, device=device)
+    return str(generate_to(job, out))

@@ -1,0 +1,78 @@
+"""Side-by-side previews a person looks at: identity | lip reference | structure | output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from freetalk_core import video
+from storage import Store
+
+PANELS = (("identity", "face_crop", "identity_crops"), ("lip reference", "face_crop", "lip_ref_crops"),
+          ("structure", "structure_render", "frames"), ("output", "noise_filter", "frames"))
+PANEL_SIZE = 256
+
+
+def _label(image: np.ndarray, text: str) -> np.ndarray:
+    import cv2
+
+    image = image.copy()
+    cv2.putText(image, text, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(image, text, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+    return image
+
+
+def side_by_side_frames(store: Store, item_id: str, size: int = PANEL_SIZE):
+    """Yields `(size, 4 * size, 3) uint8` rows, one per output frame."""
+    import cv2
+
+    arrays = [(name, store.array(item_id, stage, array)) for name, stage, array in PANELS]
+    n = arrays[0][1].shape[0]
+    for start in range(0, n, 25):
+        blocks = [(name, a[start:start + 25]) for name, a in arrays]
+        for i in range(blocks[0][1].shape[0]):
+            yield np.concatenate([_label(cv2.resize(b[i], (size, size), interpolation=cv2.INTER_AREA), name)
+                                  for name, b in blocks], axis=1)
+
+
+def lip_distance_plot(store: Store, item_id: str, path: Path) -> Path:
+    """Lip opening of the lip reference (h_t) with the anchor frame and lambda_t."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = store.read(item_id, "controller", "lip_distance")
+    lam = store.read(item_id, "controller", "lambdas")
+    anchor = int(store.read(item_id, "controller", "anchor_index"))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 4.5), sharex=True)
+    ax1.plot(h, label="lip reference h_t (crop px)")
+    ax1.axvline(anchor, color="k", ls="--", lw=1, label=f"anchor a = {anchor}")
+    ax1.legend(loc="upper right", fontsize=8)
+    ax2.plot(lam, color="tab:orange", label="lambda_t")
+    ax2.set_xlabel("frame")
+    ax2.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_previews(store_dir: Path, item_id: str, out_dir: Path, stem: str = "preview") -> list[Path]:
+    """Contact sheet PNG, side-by-side MP4 and lip-distance plot for one item."""
+    import cv2
+
+    store = Store(store_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fps = float(store.attrs(item_id, "face_crop")["fps"])
+    mp4 = out_dir / f"{stem}_side_by_side.mp4"
+    video.write_video(mp4, side_by_side_frames(store, item_id), fps)
+    n = store.array(item_id, "noise_filter", "frames").shape[0]
+    picks = set(np.linspace(0, n - 1, min(n, 6)).round().astype(int).tolist())
+    rows = [row for t, row in enumerate(side_by_side_frames(store, item_id)) if t in picks]
+    png = out_dir / f"{stem}_side_by_side.png"
+    cv2.imwrite(str(png), cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
+    plot = lip_distance_plot(store, item_id, out_dir / f"{stem}_lip_distance.png")
+    return [png, mp4, plot]

@@ -1,0 +1,474 @@
+"""Face crop (METHOD.md step 1): landmarks, their smoothing, the canonical crop and paste-back.
+
+Landmarks are iBUG-68 points (0-based index order), float32 (x, y) pixels. A crop transform
+`M` is a (2, 3) float32 similarity matrix mapping frame pixels to crop pixels
+(`crop = M @ [x, y, 1]`). Images are RGB uint8.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import dlib
+import numpy as np
+from scipy.signal import savgol_filter
+
+from freetalk_core import CROP_SIZE
+from freetalk_core.errors import ModelFileError, NoFaceError
+
+# ---------------------------------------------------------------------------------------------
+# The canonical crop template
+# ---------------------------------------------------------------------------------------------
+
+CROP_TEMPLATE = np.array(
+    [
+        121.4, 228.0, 122.6, 263.4, 126.7, 298.6, 132.6, 333.8,
+        143.7, 366.9, 162.7, 395.8, 189.0, 419.1, 220.0, 436.5,
+        256.0, 442.3, 292.0, 436.5, 323.0, 419.1, 349.3, 395.8,
+        368.3, 366.9, 379.4, 333.8, 385.3, 298.6, 389.4, 263.4,
+        390.6, 228.0, 147.2, 188.3, 163.6, 172.5, 186.2, 166.3,
+        210.3, 168.0, 232.7, 177.2, 279.3, 177.2, 301.7, 168.0,
+        325.8, 166.3, 348.4, 172.5, 364.8, 188.3, 256.0, 207.0,
+        256.0, 227.5, 256.0, 248.2, 256.0, 269.6, 230.1, 292.5,
+        242.7, 296.1, 256.0, 299.2, 269.3, 296.1, 281.9, 292.5,
+        172.9, 216.1, 187.4, 207.3, 204.6, 207.0, 220.3, 217.3,
+        204.0, 220.8, 186.9, 221.3, 291.7, 217.3, 307.4, 207.0,
+        324.6, 207.3, 339.1, 216.1, 325.1, 221.3, 308.0, 220.8,
+        205.2, 349.0, 223.3, 334.1, 242.7, 326.4, 256.0, 329.5,
+        269.3, 326.4, 288.7, 334.1, 306.8, 349.0, 289.4, 366.7,
+        270.5, 374.5, 256.0, 376.0, 241.5, 374.5, 222.6, 366.7,
+        214.1, 348.8, 242.6, 340.6, 256.0, 341.3, 269.4, 340.6,
+        297.9, 348.8, 269.7, 354.0, 256.0, 355.3, 242.3, 354.0,
+    ],
+    dtype=np.float32,
+).reshape(68, 2)
+"""(68, 2) float32: the mean iBUG-68 face (eyes level, mirror-symmetric) in a 512 x 512 crop.
+
+A generalised Procrustes mean of dlib landmarks over 171 frames of 12 sample clips, placed so
+that the eye centres sit at (196, 215) and (316, 215), the mouth centre at (256, 350) and the chin
+at (256, 442) (inter-ocular distance 120 px): the whole face, chin included, fits with a margin.
+"""
+
+ALIGNMENT_POINTS = np.array(
+    [0, 1, 2, 14, 15, 16, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 39, 42, 45], dtype=np.int64
+)
+"""Landmarks the crop transform is fitted to: the upper jaw, the nose, the eye corners.
+
+The mouth and the chin are left out on purpose: they move when the person speaks, and the crop
+must not move with them.
+"""
+
+LIP_OUTER = np.arange(48, 60)
+LIP_INNER = np.arange(60, 68)
+JAW = np.arange(0, 17)
+NOSE_BASE = np.arange(31, 36)
+LEFT_EYE = np.arange(36, 42)
+RIGHT_EYE = np.arange(42, 48)
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection and tracking
+# ---------------------------------------------------------------------------------------------
+
+
+def _models_folder() -> Path:
+    # face_recognition_models/__init__.py imports pkg_resources, which newer setuptools no
+    # longer ships: locate the package without importing it.
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError(
+            "the face_recognition_models package is not installed: "
+            "pip install face-recognition-models"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "models"
+
+
+def _landmark_box(landmarks: np.ndarray) -> np.ndarray:
+    """(4,) float64 (x0, y0, x1, y1): the bounding box of (68, 2) landmarks."""
+    return np.concatenate([landmarks.min(axis=0), landmarks.max(axis=0)]).astype(np.float64)
+
+
+class LandmarkDetector:
+    """dlib's HOG frontal face detector and its 68-point shape predictor.
+
+    The detector runs on the frame shrunk to `detect_size` px on its long side (upsampled once
+    where no face is found at that size, for small faces in large frames); the shape predictor
+    always runs at full resolution. `detect_near` searches a region around a known face box at
+    full resolution, for tracking.
+    """
+
+    def __init__(self, predictor_path: str | Path | None = None, detect_size: int = 512):
+        default = _models_folder() / "shape_predictor_68_face_landmarks.dat"
+        path = Path(predictor_path) if predictor_path else default
+        if not path.is_file():
+            raise ModelFileError(f"missing landmark model {path}: reinstall face-recognition-models")
+        self.detector = dlib.get_frontal_face_detector()
+        self.predictor = dlib.shape_predictor(str(path))
+        self.detect_size = detect_size
+
+    def predict(self, frame: np.ndarray, box) -> np.ndarray:
+        """(68, 2) float32 landmarks of the face in `box` (x0, y0, x1, y1) of `frame` (H, W, 3) uint8."""
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        shape = self.predictor(np.ascontiguousarray(frame), dlib.rectangle(x0, y0, x1, y1))
+        return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+
+    def _detect_boxes(self, image: np.ndarray, upsample: int) -> tuple[np.ndarray, np.ndarray]:
+        rects, scores, _ = self.detector.run(np.ascontiguousarray(image), upsample, 0.0)
+        boxes = np.array([(r.left(), r.top(), r.right(), r.bottom()) for r in rects], dtype=np.float64)
+        return boxes.reshape(-1, 4), np.asarray(scores, dtype=np.float64)
+
+    def detect_box(self, frame: np.ndarray) -> np.ndarray | None:
+        """(4,) float64 box (x0, y0, x1, y1) in frame px of the most confident face, or None.
+
+        Found on the shrunk frame, then placed again by `detect_near` at full resolution: a box
+        from the shrunk (and upsampled) frame is a few pixels off, and the shape predictor
+        follows its box.
+        """
+        h, w = frame.shape[:2]
+        scale = min(1.0, self.detect_size / max(h, w))
+        small = frame
+        if scale < 1.0:
+            small = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        boxes, scores = self._detect_boxes(small, 0)
+        if len(boxes) == 0:
+            boxes, scores = self._detect_boxes(small, 1)
+        if len(boxes) == 0:
+            return None
+        box = boxes[int(np.argmax(scores))] / scale
+        if scale < 1.0:
+            refined = self.detect_near(frame, box)
+            box = box if refined is None else refined
+        return box
+
+    def detect(self, frame: np.ndarray) -> np.ndarray | None:
+        """(68, 2) float32 landmarks of the most confident face in `frame` (H, W, 3) uint8, or None."""
+        box = self.detect_box(frame)
+        return None if box is None else self.predict(frame, box)
+
+    def detect_near(self, frame: np.ndarray, box, face_px: float = 120.0) -> np.ndarray | None:
+        """(4,) float64 detector box of the face near `box` (x0, y0, x1, y1) in frame px, or None.
+
+        Searches a region twice the size of `box` around its centre, resampled so that the face
+        is about `face_px` wide (the HOG detector's window is 80 px).
+        """
+        h, w = frame.shape[:2]
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        side = max(box[2] - box[0], box[3] - box[1])
+        rx0, ry0 = int(max(0, cx - side)), int(max(0, cy - side))
+        rx1, ry1 = int(min(w, cx + side)), int(min(h, cy + side))
+        if rx1 - rx0 < 16 or ry1 - ry0 < 16:
+            return None
+        region = frame[ry0:ry1, rx0:rx1]
+        scale = face_px / max(side, 1.0)
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        region = cv2.resize(region, None, fx=scale, fy=scale, interpolation=interp)
+        boxes, scores = self._detect_boxes(region, 0)
+        if len(boxes) == 0:
+            return None
+        boxes = boxes / scale + np.array([rx0, ry0, rx0, ry0])
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        nearest = int(np.argmin(np.hypot(centres[:, 0] - cx, centres[:, 1] - cy)))
+        return boxes[nearest]
+
+
+class _BoxFromLandmarks:
+    """Where the detector would put its box, given landmarks: learnt from the last detection.
+
+    The shape predictor expects a box placed like the detector's; tracking feeds it a box
+    derived from the previous frame's landmarks, so that box must sit where the detector's
+    would.
+    """
+
+    def __init__(self):
+        self.offset = np.array([0.0, 0.1, 0.0, 0.1])  # box edges minus landmark-box edges, / size
+
+    def learn(self, detector_box: np.ndarray, landmarks: np.ndarray) -> None:
+        lbox = _landmark_box(landmarks)
+        size = max(lbox[2] - lbox[0], lbox[3] - lbox[1], 1.0)
+        self.offset = (detector_box - lbox) / size
+
+    def __call__(self, landmarks: np.ndarray) -> np.ndarray:
+        lbox = _landmark_box(landmarks)
+        size = max(lbox[2] - lbox[0], lbox[3] - lbox[1], 1.0)
+        return lbox + self.offset * size
+
+
+def _inter_ocular(landmarks: np.ndarray) -> float:
+    return float(np.linalg.norm(landmarks[LEFT_EYE].mean(0) - landmarks[RIGHT_EYE].mean(0)))
+
+
+def _face_patch(frame: np.ndarray, landmarks: np.ndarray, size: int = 32) -> np.ndarray:
+    """(size * size,) float32 zero-mean, unit-norm grey patch of the eyes and nose region."""
+    M = _similarity(
+        landmarks[ALIGNMENT_POINTS].astype(np.float64), CROP_TEMPLATE[ALIGNMENT_POINTS].astype(np.float64)
+    )
+    # The template's eyes-and-nose square, (150, 150)-(362, 320), mapped onto size x size.
+    to_patch = np.array([[size / 212.0, 0, -150.0 * size / 212.0], [0, size / 170.0, -150.0 * size / 170.0]])
+    A = np.vstack([to_patch, [0, 0, 1]]) @ np.vstack([M, [0, 0, 1]])
+    grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if frame.ndim == 3 else frame
+    patch = cv2.warpAffine(grey, A[:2], (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
+    patch = patch.astype(np.float32).ravel()
+    patch -= patch.mean()
+    return patch / max(float(np.linalg.norm(patch)), 1e-6)
+
+
+def track_landmarks(
+    frames: Iterable[np.ndarray],
+    detector: LandmarkDetector | None = None,
+    detect_every: int = 5,
+    max_drift: float = 0.08,
+    min_similarity: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Detect the face on a few frames and track it in between.
+
+    Every `detect_every` frames, and whenever tracking looks unreliable, the HOG detector
+    confirms the face in a region around the last one at full resolution, falling back to a
+    whole-frame detection; in between, the shape predictor runs on a box derived from the
+    previous frame's landmarks. Tracking looks unreliable when the predictor, re-run on the box
+    of its own answer, moves the points by more than `max_drift` inter-ocular distances, or when
+    the eyes-and-nose patch correlates less than `min_similarity` with the one at the last
+    detection (a cut, an occlusion, the face gone).
+
+    frames: iterable of (H, W, 3) uint8 RGB, consumed once (a streaming reader is fine).
+    Returns landmarks (T, 68, 2) float32 in frame px (zeros where not found) and found (T,) bool.
+    """
+    detector = detector or LandmarkDetector()
+    box_from = _BoxFromLandmarks()
+    out_landmarks: list[np.ndarray] = []
+    out_found: list[bool] = []
+    previous: np.ndarray | None = None
+    reference_patch: np.ndarray | None = None
+    since_detection = 0
+
+    for frame in frames:
+        landmarks = None
+        if previous is not None and since_detection < detect_every:
+            landmarks = detector.predict(frame, box_from(previous))
+            check = detector.predict(frame, box_from(landmarks))
+            drift = np.abs(check - landmarks).mean() / max(_inter_ocular(landmarks), 1.0)
+            if drift > max_drift or _face_patch(frame, landmarks) @ reference_patch < min_similarity:
+                landmarks = None
+            since_detection += 1
+        if landmarks is None:
+            box = detector.detect_near(frame, box_from(previous)) if previous is not None else None
+            if box is None:
+                box = detector.detect_box(frame)
+            if box is not None:
+                landmarks = detector.predict(frame, box)
+                box_from.learn(box, landmarks)
+                reference_patch = _face_patch(frame, landmarks)
+            since_detection = 1
+        previous = landmarks
+        out_found.append(landmarks is not None)
+        out_landmarks.append(landmarks if landmarks is not None else np.zeros((68, 2), np.float32))
+
+    if not out_landmarks:
+        return np.zeros((0, 68, 2), np.float32), np.zeros((0,), bool)
+    return np.stack(out_landmarks).astype(np.float32), np.array(out_found, dtype=bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaps and smoothing
+# ---------------------------------------------------------------------------------------------
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) index ranges of the True runs of a (T,) bool array."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+
+
+def fill_and_smooth(
+    landmarks: np.ndarray,
+    found: np.ndarray,
+    max_gap: int = 12,
+    window: int = 5,
+    source: str = "the video",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fill the frames without a face and smooth the landmark tracks over time.
+
+    Gaps of at most `max_gap` frames are filled: linearly between the faces on either side, or
+    by holding the nearest face at the start or end of the clip. Frames in longer gaps are
+    marked passthrough (the original frame is used as is) and hold the nearest face, so every
+    frame still has a usable crop transform. Each run of non-passthrough frames is then smoothed
+    with a centred Savitzky-Golay filter (`window` frames, quadratic): no lag, and lip peaks are
+    kept better than by a moving average.
+
+    landmarks: (T, 68, 2) float32 frame px; found: (T,) bool; source names the video in errors.
+    Returns landmarks (T, 68, 2) float32 and passthrough (T,) bool.
+    Raises NoFaceError if no frame has a face.
+    """
+    landmarks = np.asarray(landmarks, dtype=np.float32)
+    found = np.asarray(found, dtype=bool)
+    if landmarks.ndim != 3 or landmarks.shape[1:] != (68, 2) or found.shape != landmarks.shape[:1]:
+        raise ValueError(
+            f"expected landmarks (T, 68, 2) and found (T,), got {landmarks.shape} and {found.shape}"
+        )
+    if not found.any():
+        raise NoFaceError(
+            f"no face found in {source}: use a video where one face is visible, frontal and "
+            "well lit, in most frames"
+        )
+    t = np.arange(len(found))
+    known = np.flatnonzero(found)
+    flat = landmarks.reshape(len(t), -1)
+    filled = np.stack([np.interp(t, known, flat[known, k]) for k in range(flat.shape[1])], axis=1)
+    # np.interp holds the end values outside the known range, which is the policy at the edges.
+    passthrough = np.zeros(len(t), dtype=bool)
+    for start, stop in _runs(~found):
+        if stop - start > max_gap:
+            passthrough[start:stop] = True
+            nearest = known[np.argmin(np.abs(known[:, None] - np.arange(start, stop)[None]), axis=0)]
+            filled[start:stop] = flat[nearest]
+    smoothed = filled.copy()
+    window = window if window % 2 else window + 1
+    for start, stop in _runs(~passthrough):
+        # Odd, at most the run's length; the ends get a polynomial fit, not padding, so a
+        # steadily moving track is not bent at the run's first and last frames.
+        run_window = min(window, stop - start if (stop - start) % 2 else stop - start - 1)
+        if run_window >= 3:
+            smoothed[start:stop] = savgol_filter(filled[start:stop], run_window, 2, axis=0, mode="interp")
+    return smoothed.reshape(landmarks.shape).astype(np.float32), passthrough
+
+
+# ---------------------------------------------------------------------------------------------
+# Crop transforms, warping, mask, paste-back
+# ---------------------------------------------------------------------------------------------
+
+
+def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """(2, 3) float64 least-squares similarity (Umeyama, no reflection) mapping src to dst (N, 2)."""
+    src_mean, dst_mean = src.mean(0), dst.mean(0)
+    s, d = src - src_mean, dst - dst_mean
+    cov = d.T @ s / len(src)
+    u, sigma, vt = np.linalg.svd(cov)
+    sign = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[-1] = -1
+    rotation = u @ np.diag(sign) @ vt
+    scale = (sigma * sign).sum() / (s**2).sum(axis=1).mean()
+    matrix = np.zeros((2, 3))
+    matrix[:, :2] = scale * rotation
+    matrix[:, 2] = dst_mean - scale * rotation @ src_mean
+    return matrix
+
+
+def crop_transforms(landmarks: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """Similarity transforms from each frame to the canonical crop.
+
+    Fitted (least squares) from the frame's `ALIGNMENT_POINTS` to the same points of
+    `CROP_TEMPLATE` scaled to `size`, so eyes and mouth land at the same crop place for everyone.
+
+    landmarks: (T, 68, 2) or (68, 2) float32 frame px.
+    Returns (T, 2, 3) float32 (or (2, 3) for a single face): crop = M @ [x, y, 1].
+    """
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    single = landmarks.ndim == 2
+    landmarks = landmarks[None] if single else landmarks
+    if landmarks.shape[1:] != (68, 2):
+        raise ValueError(f"expected landmarks (T, 68, 2), got {landmarks.shape}")
+    target = CROP_TEMPLATE[ALIGNMENT_POINTS].astype(np.float64) * (size / CROP_SIZE)
+    matrices = np.stack([_similarity(lm[ALIGNMENT_POINTS], target) for lm in landmarks])
+    matrices = matrices.astype(np.float32)
+    return matrices[0] if single else matrices
+
+
+def transform_points(points: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """Apply a (2, 3) affine `M` to points (..., 2); returns (..., 2) float32.
+
+    `M` may also be a stack (..., 2, 3) that broadcasts against the points' leading axes, e.g.
+    landmarks (T, 68, 2) with transforms `M[:, None]` of shape (T, 1, 2, 3).
+    """
+    points = np.asarray(points, dtype=np.float64)
+    M = np.asarray(M, dtype=np.float64)
+    return (np.einsum("...ij,...j->...i", M[..., :2], points) + M[..., 2]).astype(np.float32)
+
+
+def invert_transform(M: np.ndarray) -> np.ndarray:
+    """(2, 3) float32 inverse of a (2, 3) affine transform."""
+    return cv2.invertAffineTransform(np.asarray(M, dtype=np.float64)).astype(np.float32)
+
+
+def warp_to_crop(frame: np.ndarray, M: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """The (size, size, 3) uint8 crop of `frame` (H, W, 3) uint8 under the (2, 3) transform `M`.
+
+    Large frames are first halved with a Gaussian pyramid while the transform shrinks by more
+    than 2, so the crop is not aliased. Outside the frame, edge pixels are repeated.
+    """
+    M = np.asarray(M, dtype=np.float64).copy()
+    image = frame
+    while np.sqrt(abs(np.linalg.det(M[:, :2]))) < 0.5 and min(image.shape[:2]) > 2 * size:
+        image = cv2.pyrDown(image)
+        M[:, :2] *= 2.0
+    return cv2.warpAffine(
+        image, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+
+
+def mouth_mask(
+    crop_landmarks: np.ndarray,
+    size: int = CROP_SIZE,
+    dilate_px: int = 20,
+    feather_px: int = 16,
+) -> np.ndarray:
+    """The region diffusion repaints: the lower face from below the nose to the chin.
+
+    A polygon along the jaw (points 2-14) closed by the base of the nose (points 31-35),
+    dilated by `dilate_px` (room for a jaw that opens wider than in the identity frame) and
+    feathered with a Gaussian of standard deviation `feather_px / 2`. The mask is forced to 0
+    within `feather_px` of the crop border, so that paste-back never shows the crop's edge.
+
+    crop_landmarks: (68, 2) float32 crop px. Returns (size, size) float32 in [0, 1].
+    """
+    points = np.asarray(crop_landmarks, dtype=np.float64)
+    polygon = np.concatenate([points[2:15], points[NOSE_BASE][::-1]])
+    mask = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(mask, [np.round(polygon * 16).astype(np.int32)], 255, lineType=cv2.LINE_8, shift=4)
+    if dilate_px > 0:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1, 2 * dilate_px + 1))
+        mask = cv2.dilate(mask, kernel)
+    mask = mask.astype(np.float32) / 255.0
+    if feather_px > 0:
+        mask = cv2.GaussianBlur(mask, (0, 0), feather_px / 2.0)
+    ramp = np.clip((np.minimum(np.arange(size), np.arange(size)[::-1]) - 1) / max(feather_px, 1), 0, 1)
+    mask *= np.minimum(ramp[:, None], ramp[None, :]).astype(np.float32)
+    mask[mask < 1e-3] = 0.0
+    return np.clip(mask, 0.0, 1.0)
+
+
+def paste_back(frame: np.ndarray, crop: np.ndarray, M: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Blend `crop` back into `frame` through `mask`, with the inverse of the transform `M`.
+
+    frame: (H, W, 3) uint8; crop: (S, S, 3) uint8; M: (2, 3) frame -> crop; mask: (S, S) float32
+    in [0, 1]. Returns (H, W, 3) uint8. Pixels where the warped mask is 0 are exactly `frame`'s.
+    Only the frame region under the mask is warped.
+    """
+    mask = np.asarray(mask, dtype=np.float32)
+    out = frame.copy()
+    ys, xs = np.nonzero(mask > 0)
+    if len(xs) == 0:
+        return out
+    left, right, top, bottom = xs.min() - 1, xs.max() + 1, ys.min() - 1, ys.max() + 1
+    corners = np.array([[left, top], [right, top], [left, bottom], [right, bottom]], dtype=np.float64)
+    frame_corners = transform_points(corners, invert_transform(M))
+    h, w = frame.shape[:2]
+    x0, y0 = np.floor(frame_corners.min(0)).astype(int) - 1
+    x1, y1 = np.ceil(frame_corners.max(0)).astype(int) + 2
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    # Frame pixel (x0 + u, y0 + v) maps to crop M @ (u + x0, v + y0): shift M by the region origin.
+    M_roi = np.asarray(M, dtype=np.float64).copy()
+    M_roi[:, 2] += M_roi[:, :2] @ np.array([x0, y0], dtype=np.float64)
+    region_size = (x1 - x0, y1 - y0)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    alpha = cv2.warpAffine(mask, M_roi, region_size, flags=flags, borderMode=cv2.BORDER_CONSTANT)
+    colour = cv2.warpAffine(crop, M_roi, region_size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    region = out[y0:y1, x0:x1]
+    a = alpha[..., None]
+    blended = np.round(region.astype(np.float32) * (1.0 - a) + colour.astype(np.float32) * a)
+    region[:] = np.where(a > 0, np.clip(blended, 0, 255), region).astype(np.uint8)
+    return out

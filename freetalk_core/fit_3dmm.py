@@ -1,0 +1,252 @@
+"""3DMM fit (METHOD.md step 2, Structurist part 1): the Surrey Face Model fitted to landmarks.
+
+eos fits, per frame, the SFM shape (63 PCA coefficients), the 6 expression blendshapes and an
+orthographic camera to the iBUG-68 landmarks of a face crop. The identity's shape is then
+estimated once for the whole clip (`identity_shape`), so it does not jitter from frame to frame.
+
+Model-space vertices are (N, 3) float32 with N = 3448 (SFM units, y up). A fitted camera maps
+them to crop pixels with `project_vertices`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from freetalk_core import CROP_SIZE
+from freetalk_core.errors import ModelFileError
+
+EOS_FILES = {
+    "shape": "sfm_shape_3448.bin",
+    "blendshapes": "expression_blendshapes_3448.bin",
+    "mapper": "ibug_to_sfm.txt",
+    "edge_topology": "sfm_3448_edge_topology.json",
+    "contours": "sfm_model_contours.json",
+}
+"""The eos model files `load_face_model` reads from the models' eos folder."""
+
+LANDMARK_NAMES = [str(i + 1) for i in range(68)]
+"""eos names the iBUG-68 landmarks with 1-based strings; 0-based names silently map wrongly."""
+
+
+@dataclass
+class FaceModel:
+    """The SFM with expression blendshapes, everything eos needs to fit it, and its arrays.
+
+    mean: (N, 3) float32 mean shape; shape_basis: (N, 3, 63) float32 rescaled PCA basis;
+    blendshapes: (6, N, 3) float32; triangles: (F, 3) int32; uv: (N, 2) float32 texture
+    coordinates in [0, 1]; landmark_vertex: (68,) int64 the SFM vertex of each iBUG landmark,
+    -1 where the mapping has none (the jaw contour, the inner lip corners).
+    """
+
+    morphable_model: object
+    landmark_mapper: object
+    edge_topology: object
+    contour_landmarks: object
+    model_contour: object
+    mean: np.ndarray
+    shape_basis: np.ndarray
+    blendshapes: np.ndarray
+    triangles: np.ndarray
+    uv: np.ndarray
+    landmark_vertex: np.ndarray
+
+    @property
+    def n_shape(self) -> int:
+        return self.shape_basis.shape[2]
+
+    @property
+    def n_expression(self) -> int:
+        return self.blendshapes.shape[0]
+
+    def vertices(self, shape_coeffs: np.ndarray, expression_coeffs: np.ndarray | None = None) -> np.ndarray:
+        """(N, 3) float32 model-space vertices for (63,) shape and (6,) expression coefficients."""
+        v = self.mean + self.shape_basis @ np.asarray(shape_coeffs, dtype=np.float32)
+        if expression_coeffs is not None:
+            v = v + np.tensordot(np.asarray(expression_coeffs, dtype=np.float32), self.blendshapes, axes=1)
+        return v.astype(np.float32)
+
+
+@dataclass
+class FitResult:
+    """Per-frame eos fits of a clip.
+
+    shape_coeffs: (T, 63) float32; expression_coeffs: (T, 6) float32;
+    rotation: (T, 3, 3) float32 model -> camera rotation; scale: (T,) float32 px per model unit;
+    translation: (T, 2) float32 crop px of the model origin; modelview, projection: (T, 4, 4)
+    float32 eos' orthographic camera; fit_error: (T,) float32 mean distance in px between the
+    landmarks and their projected model vertices; size: the crop side the fit was made in.
+    """
+
+    shape_coeffs: np.ndarray
+    expression_coeffs: np.ndarray
+    rotation: np.ndarray
+    scale: np.ndarray
+    translation: np.ndarray
+    modelview: np.ndarray
+    projection: np.ndarray
+    fit_error: np.ndarray
+    size: int = CROP_SIZE
+
+    def __len__(self) -> int:
+        return len(self.fit_error)
+
+
+def load_face_model(eos_dir: str | Path) -> FaceModel:
+    """Load the SFM shape model, its 6 expression blendshapes and the fitting files from `eos_dir`.
+
+    Raises ModelFileError naming the first missing file.
+    """
+    import eos
+
+    eos_dir = Path(eos_dir)
+    for name in EOS_FILES.values():
+        if not (eos_dir / name).is_file():
+            raise ModelFileError(
+                f"missing 3DMM file {eos_dir / name}: run `freetalk models tiny DIR` or "
+                "`freetalk models download DIR`"
+            )
+    shape_only = eos.morphablemodel.load_model(str(eos_dir / EOS_FILES["shape"]))
+    blendshapes = eos.morphablemodel.load_blendshapes(str(eos_dir / EOS_FILES["blendshapes"]))
+    # fit_shape_and_pose needs the blendshapes inside the model ("bad optional access" otherwise),
+    # and that constructor needs a colour model (an empty one) and the SFM's texture coordinates.
+    morphable_model = eos.morphablemodel.MorphableModel(
+        shape_only.get_shape_model(),
+        blendshapes,
+        color_model=eos.morphablemodel.PcaModel(),
+        vertex_definitions=None,
+        texture_coordinates=shape_only.get_texture_coordinates(),
+    )
+    mapper = eos.core.LandmarkMapper(str(eos_dir / EOS_FILES["mapper"]))
+    edge_topology = eos.morphablemodel.load_edge_topology(str(eos_dir / EOS_FILES["edge_topology"]))
+    contour_landmarks = eos.fitting.ContourLandmarks.load(str(eos_dir / EOS_FILES["mapper"]))
+    model_contour = eos.fitting.ModelContour.load(str(eos_dir / EOS_FILES["contours"]))
+
+    shape_model = shape_only.get_shape_model()
+    n_vertices = len(np.asarray(shape_model.get_mean())) // 3
+    mean = np.asarray(shape_model.get_mean(), dtype=np.float32).reshape(n_vertices, 3)
+    basis = np.asarray(shape_model.get_rescaled_pca_basis(), dtype=np.float32)
+    basis = basis.reshape(n_vertices, 3, -1)
+    deformations = np.stack([np.asarray(b.deformation, dtype=np.float32) for b in blendshapes])
+    landmark_vertex = np.full(68, -1, dtype=np.int64)
+    for index, name in enumerate(LANDMARK_NAMES):
+        vertex = mapper.convert(name)
+        if vertex is not None:
+            landmark_vertex[index] = int(vertex)
+    return FaceModel(
+        morphable_model=morphable_model,
+        landmark_mapper=mapper,
+        edge_topology=edge_topology,
+        contour_landmarks=contour_landmarks,
+        model_contour=model_contour,
+        mean=mean,
+        shape_basis=basis,
+        blendshapes=deformations.reshape(len(blendshapes), n_vertices, 3),
+        triangles=np.asarray(shape_model.get_triangle_list(), dtype=np.int32),
+        uv=np.asarray(shape_only.get_texture_coordinates(), dtype=np.float32),
+        landmark_vertex=landmark_vertex,
+    )
+
+
+def project_vertices(vertices: np.ndarray, modelview: np.ndarray, projection: np.ndarray, size: int) -> np.ndarray:
+    """Project (N, 3) model-space vertices with eos' orthographic camera into a size x size image.
+
+    Returns (N, 3) float32: x, y in image px (y down) and the camera-space depth z (larger is
+    nearer the camera).
+    """
+    homogeneous = np.concatenate([vertices, np.ones((len(vertices), 1), np.float32)], axis=1)
+    camera = homogeneous @ np.asarray(modelview, np.float32).T
+    ndc = camera @ np.asarray(projection, np.float32).T
+    x = (ndc[:, 0] + 1.0) * size / 2.0
+    y = size - (ndc[:, 1] + 1.0) * size / 2.0
+    return np.stack([x, y, camera[:, 2]], axis=1).astype(np.float32)
+
+
+def fit_frame_vertices(model: FaceModel, fit: FitResult, t: int, shape_coeffs: np.ndarray | None = None) -> np.ndarray:
+    """(N, 3) float32 crop-space projection (x, y px, depth) of frame `t`'s fitted mesh.
+
+    With `shape_coeffs` (63,), that shape replaces the frame's own (e.g. the clip's identity shape).
+    """
+    shape = fit.shape_coeffs[t] if shape_coeffs is None else shape_coeffs
+    vertices = model.vertices(shape, fit.expression_coeffs[t])
+    return project_vertices(vertices, fit.modelview[t], fit.projection[t], fit.size)
+
+
+def fit_landmarks(
+    model: FaceModel,
+    landmarks: np.ndarray,
+    size: int = CROP_SIZE,
+    num_iterations: int = 5,
+) -> FitResult:
+    """Fit shape, expression and pose to every frame's landmarks with eos (contours included).
+
+    landmarks: (T, 68, 2) float32 crop px (iBUG-68, 0-based order) in a size x size crop.
+    Returns a FitResult of T frames.
+    """
+    import eos
+
+    landmarks = np.asarray(landmarks, dtype=np.float32)
+    if landmarks.ndim != 3 or landmarks.shape[1:] != (68, 2):
+        raise ValueError(f"expected landmarks (T, 68, 2), got {landmarks.shape}")
+    mapped = model.landmark_vertex >= 0
+    out = {k: [] for k in ("shape", "expr", "rot", "scale", "trans", "mv", "proj", "err")}
+    for frame_landmarks in landmarks:
+        eos_landmarks = [
+            eos.core.Landmark(name, frame_landmarks[i].reshape(2, 1))
+            for i, name in enumerate(LANDMARK_NAMES)
+        ]
+        _, pose, shape_coeffs, expression_coeffs = eos.fitting.fit_shape_and_pose(
+            model.morphable_model,
+            eos_landmarks,
+            model.landmark_mapper,
+            size,
+            size,
+            model.edge_topology,
+            model.contour_landmarks,
+            model.model_contour,
+            num_iterations,
+        )
+        modelview = np.asarray(pose.get_modelview(), dtype=np.float32)
+        projection = np.asarray(pose.get_projection(), dtype=np.float32)
+        shape_coeffs = np.asarray(shape_coeffs, dtype=np.float32)
+        expression_coeffs = np.asarray(expression_coeffs, dtype=np.float32)
+        vertices = model.vertices(shape_coeffs, expression_coeffs)
+        projected = project_vertices(vertices[model.landmark_vertex[mapped]], modelview, projection, size)
+        error = np.linalg.norm(projected[:, :2] - frame_landmarks[mapped], axis=1).mean()
+        # The orthographic camera as scale, rotation and translation of the model origin in px.
+        origin = project_vertices(np.zeros((1, 3), np.float32), modelview, projection, size)[0]
+        unit = project_vertices(np.eye(3, dtype=np.float32), modelview, projection, size)
+        out["shape"].append(shape_coeffs)
+        out["expr"].append(expression_coeffs)
+        out["rot"].append(modelview[:3, :3])
+        out["scale"].append(np.linalg.norm(unit[0, :2] - origin[:2]))
+        out["trans"].append(origin[:2])
+        out["mv"].append(modelview)
+        out["proj"].append(projection)
+        out["err"].append(error)
+    return FitResult(
+        shape_coeffs=np.array(out["shape"], np.float32).reshape(-1, model.n_shape),
+        expression_coeffs=np.array(out["expr"], np.float32).reshape(-1, model.n_expression),
+        rotation=np.array(out["rot"], np.float32).reshape(-1, 3, 3),
+        scale=np.array(out["scale"], np.float32),
+        translation=np.array(out["trans"], np.float32).reshape(-1, 2),
+        modelview=np.array(out["mv"], np.float32).reshape(-1, 4, 4),
+        projection=np.array(out["proj"], np.float32).reshape(-1, 4, 4),
+        fit_error=np.array(out["err"], np.float32),
+        size=size,
+    )
+
+
+def identity_shape(fit: FitResult) -> np.ndarray:
+    """(63,) float32 one shape estimate for the clip: the per-coefficient median of the good fits.
+
+    Frames whose fit error exceeds twice the clip's median error (a blink, a blurred frame, a
+    tracking slip) are left out; the median is robust to the remaining outliers.
+    """
+    if len(fit) == 0:
+        raise ValueError("identity_shape needs at least one fitted frame")
+    good = fit.fit_error <= 2.0 * np.median(fit.fit_error)
+    return np.median(fit.shape_coeffs[good], axis=0).astype(np.float32)

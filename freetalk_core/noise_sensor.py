@@ -1,0 +1,383 @@
+"""Noise Sensor (METHOD.md step 8): find flicker and jitter per pixel, smooth only there.
+
+Per pixel and per flow component, the part of the generated flow's variance over time that
+the reference flow does not explain linearly is noise (Theorem 1):
+
+    var_noise = var(g) - cov(g, r)^2 / var(r)        (= var(g) * (1 - rho^2))
+
+The noise pattern N(p) is the norm of the (x, y) pair of noise variances. Each pixel is then
+smoothed over time with a Gaussian whose standard deviation (in frames) is N(p), inside the
+mouth mask only; where N(p) is ~0 the pixel is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_KERNEL_SIZE = 5
+VAR_EPS = 1e-6
+"""var(r) below this (px^2) means the reference does not move there: the guard treats all of
+var(g) as noise instead of dividing by ~0."""
+SIGMA_EPS = 1e-3
+"""A noise pattern below this (frames) gives the identity filter: exp(-1 / (2 * 1e-6)) is 0."""
+FILTER_BLOCK_FRAMES = 16
+"""Frames filtered at once; bounds the float32 working memory to a few blocks of frames."""
+
+
+def _check_flows(generated_flow: np.ndarray, reference_flow: np.ndarray):
+    g = np.asarray(generated_flow)
+    r = np.asarray(reference_flow)
+    if g.ndim != 4 or g.shape[-1] != 2:
+        raise ValueError(f"generated_flow must be (T-1, H, W, 2), got {g.shape}")
+    if r.shape != g.shape:
+        raise ValueError(f"reference_flow must have the generated flow's shape {g.shape}, got {r.shape}")
+    if g.shape[0] < 2:
+        raise ValueError(f"the noise pattern needs at least 2 flow fields (3 frames), got {g.shape[0]}")
+    return g, r
+
+
+def _noise_variance_from_moments(var_g: np.ndarray, var_r: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """Theorem 1 per component, with the guard where the reference does not move (var(r) ~0:
+    all of var(g) is noise), clipped at 0 against rounding."""
+    moving = var_r > VAR_EPS
+    explained = np.where(moving, cov * cov / np.where(moving, var_r, 1.0), 0.0)
+    return np.clip(var_g - explained, 0.0, None)
+
+
+def _norm_xy(noise_var: np.ndarray) -> np.ndarray:
+    """`(..., 2)` noise variances -> `(...)` float32 noise pattern."""
+    return np.sqrt((noise_var * noise_var).sum(axis=-1)).astype(np.float32)
+
+
+def _moving_box(g: np.ndarray, r: np.ndarray) -> tuple[int, int, int, int] | None:
+    """`(y0, y1, x0, x1)` bounding the pixels where either flow is ever non-zero (flow is
+    computed in the mouth box only; outside it both variances are 0, and so is the noise)."""
+    moving = (g != 0).any(axis=(0, 3)) | (r != 0).any(axis=(0, 3))
+    rows = np.flatnonzero(moving.any(axis=1))
+    cols = np.flatnonzero(moving.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def noise_variance(generated_flow: np.ndarray, reference_flow: np.ndarray) -> np.ndarray:
+    """Theorem 1 noise variance per pixel and flow component, over all the flow fields given.
+
+    Args:
+        generated_flow: `(T-1, H, W, 2)` float32, flow of the generated frames.
+        reference_flow: `(T-1, H, W, 2)` float32, flow of the reference motion.
+
+    Returns:
+        `(H, W, 2)` float32 in px^2, >= 0. Population (1/n) moments.
+    """
+    g, r = _check_flows(generated_flow, reference_flow)
+    n = g.shape[0]
+    out = np.zeros(g.shape[1:], dtype=np.float32)
+    box = _moving_box(g, r)
+    if box is None:
+        return out
+    g, r = g[:, box[0]:box[1], box[2]:box[3]], r[:, box[0]:box[1], box[2]:box[3]]
+    # Two passes, one flow field at a time: exact centred moments in float64 without a
+    # float64 copy of the whole clip's flow.
+    mean_g = g.mean(axis=0, dtype=np.float64)
+    mean_r = r.mean(axis=0, dtype=np.float64)
+    var_g = np.zeros_like(mean_g)
+    var_r = np.zeros_like(mean_r)
+    cov = np.zeros_like(mean_g)
+    for t in range(n):
+        dg = g[t] - mean_g
+        dr = r[t] - mean_r
+        var_g += dg * dg
+        var_r += dr * dr
+        cov += dg * dr
+    var_g /= n
+    var_r /= n
+    cov /= n
+    out[box[0]:box[1], box[2]:box[3]] = _noise_variance_from_moments(var_g, var_r, cov)
+    return out
+
+
+def noise_pattern(generated_flow: np.ndarray, reference_flow: np.ndarray,
+                  window: int | None = None) -> np.ndarray:
+    """Noise pattern N(p) of a clip.
+
+    Args:
+        generated_flow: `(T-1, H, W, 2)` float32, flow of the generated frames.
+        reference_flow: `(T-1, H, W, 2)` float32, flow of the reference motion.
+        window: None (or >= T-1): statistics over the whole clip. Otherwise a number of flow
+            fields: the per-frame sliding-window patterns of `noise_pattern_sequence`,
+            averaged over the clip.
+
+    Returns:
+        `(H, W)` float32 noise pattern, >= 0 (norm of the x and y noise variances, px^2; the
+        filter uses it as a standard deviation in frames).
+    """
+    g, r = _check_flows(generated_flow, reference_flow)
+    if window is None or window >= g.shape[0]:
+        return _norm_xy(noise_variance(g, r).astype(np.float64))
+    return noise_pattern_sequence(g, r, window).mean(axis=0)
+
+
+def _window_bounds(n_flows: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each frame t of a clip with `n_flows + 1` frames, the flow fields [lo, hi) of its
+    window: `window` fields centred between frames t-1 and t, shifted to stay inside the clip."""
+    t = np.arange(n_flows + 1)
+    lo = np.clip(t - window // 2, 0, n_flows - window)
+    return lo, lo + window
+
+
+def noise_pattern_sequence(generated_flow: np.ndarray, reference_flow: np.ndarray,
+                           window: int) -> np.ndarray:
+    """Local noise pattern per frame, from a sliding temporal window of flow fields.
+
+    A long clip whose motion changes gets a local estimate: frame t uses the `window` flow
+    fields around it; near the clip's ends the window slides to stay inside the clip.
+
+    Args:
+        generated_flow: `(T-1, H, W, 2)` float32.
+        reference_flow: `(T-1, H, W, 2)` float32.
+        window: flow fields per window, >= 2. A window covering the clip gives the whole-clip
+            pattern for every frame.
+
+    Returns:
+        `(T, H, W)` float32 noise pattern per frame.
+    """
+    g, r = _check_flows(generated_flow, reference_flow)
+    n = g.shape[0]
+    if window < 2:
+        raise ValueError(f"window must be >= 2 flow fields, got {window}")
+    window = min(window, n)
+    lo, hi = _window_bounds(n, window)
+    out = np.zeros((n + 1,) + g.shape[1:3], dtype=np.float32)
+    box = _moving_box(g, r)
+    if box is None:
+        return out
+    g, r = g[:, box[0]:box[1], box[2]:box[3]], r[:, box[0]:box[1], box[2]:box[3]]
+    inner = out[:, box[0]:box[1], box[2]:box[3]]
+    # Moments from running sums, shifted by the clip mean so the subtraction stays accurate.
+    shift_g = g.mean(axis=0, dtype=np.float64)
+    shift_r = r.mean(axis=0, dtype=np.float64)
+    sums = np.zeros((5,) + g.shape[1:], dtype=np.float64)
+
+    def update(i: int, sign: float) -> None:
+        dg = g[i] - shift_g
+        dr = r[i] - shift_r
+        sums[0] += sign * dg
+        sums[1] += sign * dr
+        sums[2] += sign * dg * dg
+        sums[3] += sign * dr * dr
+        sums[4] += sign * dg * dr
+
+    cur_lo, cur_hi = 0, 0
+    cached_lo = -1
+    for t in range(n + 1):
+        if lo[t] == cached_lo:
+            inner[t] = inner[t - 1]
+            continue
+        while cur_hi < hi[t]:
+            update(cur_hi, 1.0)
+            cur_hi += 1
+        while cur_lo < lo[t]:
+            update(cur_lo, -1.0)
+            cur_lo += 1
+        mg, mr = sums[0] / window, sums[1] / window
+        var_g = sums[2] / window - mg * mg
+        var_r = sums[3] / window - mr * mr
+        cov = sums[4] / window - mg * mr
+        inner[t] = _norm_xy(_noise_variance_from_moments(var_g, var_r, cov))
+        cached_lo = lo[t]
+    return out
+
+
+def gaussian_weights(sigma: np.ndarray, kernel_size: int = DEFAULT_KERNEL_SIZE) -> np.ndarray:
+    """Normalised temporal Gaussian weights per pixel.
+
+    Args:
+        sigma: `(...)` float, standard deviation in frames (the noise pattern).
+        kernel_size: odd number of taps; offsets -(k // 2) .. k // 2.
+
+    Returns:
+        `(kernel_size, ...)` float32, summing to 1 over the first axis; `sigma` ~0 gives weight
+        exactly 1 at offset 0 and exactly 0 elsewhere.
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+    sigma = np.asarray(sigma, dtype=np.float32)
+    half = kernel_size // 2
+    offsets = np.arange(-half, half + 1, dtype=np.float32).reshape((-1,) + (1,) * sigma.ndim)
+    s = np.maximum(sigma, SIGMA_EPS)
+    logits = -(offsets * offsets) / (2.0 * s * s)
+    weights = np.exp(logits)  # offset 0 has weight exactly 1, so the sum is never 0
+    return (weights / weights.sum(axis=0)).astype(np.float32)
+
+
+def chunk_context(start: int, stop: int, n_frames: int,
+                  kernel_size: int = DEFAULT_KERNEL_SIZE) -> tuple[int, int]:
+    """Frames `[lo, hi)` of the clip that filtering output frames `[start, stop)` needs: the
+    chunk plus `kernel_size // 2` neighbours on each side (2 for the default kernel), fewer at
+    the clip ends."""
+    if not 0 <= start < stop <= n_frames:
+        raise ValueError(f"need 0 <= start < stop <= n_frames, got {start}, {stop}, {n_frames}")
+    half = kernel_size // 2
+    return max(0, start - half), min(n_frames, stop + half)
+
+
+def _per_frame(name: str, values, n: int, hw: tuple[int, int]) -> np.ndarray | None:
+    if values is None:
+        return None
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape == hw:
+        return values[None]
+    if values.shape == (n,) + hw:
+        return values
+    raise ValueError(f"{name} must be {hw} or {(n,) + hw}, got {values.shape}")
+
+
+def temporal_filter_chunk(context_frames: np.ndarray, noise_pattern: np.ndarray,
+                          start: int, stop: int, n_frames: int,
+                          kernel_size: int = DEFAULT_KERNEL_SIZE,
+                          mask: np.ndarray | None = None) -> np.ndarray:
+    """Adaptive temporal Gaussian filter for output frames `[start, stop)` of a longer clip.
+
+    Filtering a clip chunk by chunk with this function gives exactly the frames
+    `temporal_filter` gives for the whole clip.
+
+    Args:
+        context_frames: `(hi - lo, H, W, 3)` uint8, frames `[lo, hi)` of the clip, with
+            `(lo, hi) = chunk_context(start, stop, n_frames, kernel_size)`.
+        noise_pattern: `(H, W)` float, or `(stop - start, H, W)` per output frame: the
+            Gaussian's standard deviation in frames.
+        start, stop: the output frames, as indices into the whole clip.
+        n_frames: length of the whole clip (its ends are padded by edge replication).
+        kernel_size: odd number of taps (5 by default).
+        mask: None (filter everywhere), `(H, W)` or `(stop - start, H, W)` float in [0, 1]:
+            the filtered frame is blended in by this weight; where it is 0 the output is
+            exactly the input.
+
+    Returns:
+        `(stop - start, H, W, 3)` uint8 filtered frames.
+    """
+    context_frames = np.asarray(context_frames)
+    lo, hi = chunk_context(start, stop, n_frames, kernel_size)
+    if context_frames.ndim != 4 or context_frames.shape[-1] != 3 or context_frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {context_frames.shape} "
+                         f"{context_frames.dtype}")
+    if context_frames.shape[0] != hi - lo:
+        raise ValueError(f"frames for output [{start}, {stop}) must be the clip's frames "
+                         f"[{lo}, {hi}) ({hi - lo} frames), got {context_frames.shape[0]}")
+    hw = context_frames.shape[1:3]
+    n_out = stop - start
+    sigma = _per_frame("noise_pattern", noise_pattern, n_out, hw)
+    blend = _per_frame("mask", mask, n_out, hw)
+    if blend is not None and (blend.min() < 0 or blend.max() > 1):
+        raise ValueError("mask must be in [0, 1]")
+
+    out = context_frames[start - lo:stop - lo].copy()
+    # Only pixels that some frame both smooths (sigma > eps) and keeps (mask > 0) can change.
+    active = (sigma > SIGMA_EPS).any(axis=0)
+    if blend is not None:
+        active &= (blend > 0).any(axis=0)
+    rows = np.flatnonzero(active.any(axis=1))
+    cols = np.flatnonzero(active.any(axis=0))
+    if rows.size == 0:
+        return out
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+
+    half = kernel_size // 2
+    offsets = range(-half, half + 1)
+    for b0 in range(start, stop, FILTER_BLOCK_FRAMES):
+        b1 = min(stop, b0 + FILTER_BLOCK_FRAMES)
+        t = np.arange(b0, b1)
+        s = sigma[0 if sigma.shape[0] == 1 else slice(b0 - start, b1 - start), y0:y1, x0:x1]
+        weights = gaussian_weights(s, kernel_size)  # (k, [b], h, w)
+        acc = np.zeros((b1 - b0, y1 - y0, x1 - x0, 3), dtype=np.float32)
+        for k, offset in enumerate(offsets):
+            source = np.clip(t + offset, 0, n_frames - 1) - lo
+            acc += weights[k][..., None] * context_frames[source, y0:y1, x0:x1]
+        original = context_frames[b0 - lo:b1 - lo, y0:y1, x0:x1]
+        if blend is not None:
+            m = blend[0 if blend.shape[0] == 1 else slice(b0 - start, b1 - start), y0:y1, x0:x1]
+            m = np.broadcast_to(m[..., None], acc.shape)
+            acc = np.where(m >= 1, acc, original + m * (acc - original))
+            keep = m == 0
+        else:
+            keep = np.zeros(acc.shape, dtype=bool)
+        filtered = np.clip(np.rint(acc), 0, 255).astype(np.uint8)
+        out[b0 - start:b1 - start, y0:y1, x0:x1] = np.where(keep, original, filtered)
+    return out
+
+
+def temporal_filter(frames: np.ndarray, noise_pattern: np.ndarray,
+                    kernel_size: int = DEFAULT_KERNEL_SIZE,
+                    mask: np.ndarray | None = None) -> np.ndarray:
+    """Adaptive temporal Gaussian filter: each pixel smoothed over time with sigma = N(p).
+
+    Args:
+        frames: `(T, H, W, 3)` uint8 RGB.
+        noise_pattern: `(H, W)` or `(T, H, W)` float, standard deviation in frames; ~0 leaves
+            the pixel unchanged.
+        kernel_size: odd number of taps, offsets -(k // 2) .. k // 2; weights normalised to 1;
+            the time axis is padded by repeating the first and last frames (never wrapped).
+        mask: None, or `(H, W)` / `(T, H, W)` float in [0, 1] (the feathered mouth mask):
+            output = input + mask * (filtered - input); exactly the input where mask is 0.
+
+    Returns:
+        `(T, H, W, 3)` uint8.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape}")
+    n = frames.shape[0]
+    return temporal_filter_chunk(frames, noise_pattern, 0, n, n, kernel_size, mask)
+
+
+def mean_noise_pattern(noise_pattern: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """MNP: the noise pattern averaged over the mouth region, weighted by the mask.
+
+    Args:
+        noise_pattern: `(H, W)` or `(T, H, W)` float.
+        mask: None (plain mean), `(H, W)` or `(T, H, W)` float in [0, 1].
+
+    Returns:
+        float, in the noise pattern's units; 0.0 for an all-zero mask.
+    """
+    pattern = np.asarray(noise_pattern, dtype=np.float64)
+    if mask is None:
+        return float(pattern.mean())
+    weight = np.asarray(mask, dtype=np.float64)
+    if pattern.ndim == 3 and weight.ndim == 2:
+        weight = np.broadcast_to(weight, pattern.shape)
+    elif pattern.ndim == 2 and weight.ndim == 3:
+        pattern = np.broadcast_to(pattern, weight.shape)
+    if weight.shape != pattern.shape:
+        raise ValueError(f"mask {weight.shape} does not match noise_pattern {pattern.shape}")
+    total = weight.sum()
+    return float((pattern * weight).sum() / total) if total > 0 else 0.0
+
+
+def noise_pattern_heatmap(noise_pattern: np.ndarray, vmax: float | None = None,
+                          colormap: str = "inferno") -> np.ndarray:
+    """Colour image of a noise pattern, for a PNG.
+
+    Args:
+        noise_pattern: `(H, W)` float.
+        vmax: value mapped to the top of the colour map (default: the 99th percentile of the
+            non-zero values, so that a few hot pixels do not wash out the rest).
+        colormap: a matplotlib colour map name.
+
+    Returns:
+        `(H, W, 3)` uint8 RGB.
+    """
+    from matplotlib import colormaps
+
+    pattern = np.asarray(noise_pattern, dtype=np.float64)
+    if pattern.ndim != 2:
+        raise ValueError(f"noise_pattern must be (H, W), got {pattern.shape}")
+    if vmax is None:
+        nonzero = pattern[pattern > 0]
+        top = float(np.percentile(nonzero, 99)) if nonzero.size else 0.0
+    else:
+        top = float(vmax)
+    scaled = np.clip(pattern / top, 0.0, 1.0) if top > 0 else np.zeros_like(pattern)
+    rgba = colormaps[colormap](scaled, bytes=True)
+    return np.ascontiguousarray(rgba[..., :3])

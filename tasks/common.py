@@ -1,0 +1,177 @@
+"""What every stage task shares: the job description, stage keys, chunk bookkeeping."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import BaseModel, ConfigDict
+
+from freetalk_core import DEFAULT_FPS
+from freetalk_core.errors import FreetalkError
+from storage import Store
+
+CODE_VERSION = "1"
+"""Bumped when a stage's results change for the same inputs and parameters."""
+
+STAGE_CACHE = TASK_SOURCE + (INPUTS - "job")
+"""Prefect cache: the task's source plus its inputs other than `job`. Stage keys already
+fold in every job field that can change a stage's result, and `job` also carries settings that
+must not (device, batch size)."""
+
+
+class ItemJob(BaseModel):
+    """Everything a stage needs to know about one (identity, lip reference) pair."""
+
+    model_config = ConfigDict(frozen=True)
+
+    store: str
+    item_id: str
+    identity: str
+    lip_ref: str
+    audio: str | None = None
+    identity_sha256: str
+    lip_ref_sha256: str
+    audio_sha256: str | None = None
+    models: str
+    fps: float = DEFAULT_FPS
+    steps: int = 20
+    guidance: float = 7.5
+    seed: int = 42
+    ip_adapter_scale: float = 1.0
+    lambda_range: tuple[float, float] = (0.5, 2.0)
+    flow_reference: str = "structure"
+    kernel_size: int = 5
+    batch_size: int = 4
+    chunk_frames: int = 25
+    device: str = "auto"
+
+    def open_store(self) -> Store:
+        return Store(self.store)
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.models)
+
+
+class StageRef(BaseModel):
+    """What a stage task returns: where its outputs are, and the key they were made under."""
+
+    item_id: str
+    stage: str
+    key: str
+    frames: int
+
+
+def stage_key(stage: str, params: dict[str, Any], upstream: list[StageRef] = ()) -> str:
+    """Content key of a stage's result: its parameters and the keys of what it reads."""
+    payload = {"stage": stage, "code": CODE_VERSION, "params": params,
+               "upstream": sorted(ref.key for ref in upstream)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def models_fingerprint(models_dir: Path, component: str) -> str:
+    """Cheap fingerprint of a model folder: relative paths, sizes and modification times."""
+    root = Path(models_dir) / component
+    entries = []
+    if root.exists():
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                entries.append((str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def chunk_ranges(n_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
+    """`[(start, stop), ...]` covering `0..n_frames` in order; the last chunk may be short."""
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    return [(s, min(s + chunk_frames, n_frames)) for s in range(0, n_frames, chunk_frames)]
+
+
+@contextmanager
+def recorded_chunk(store: Store, item_id: str, stage: str, chunk: int, key: str,
+                   frames: int = 0) -> Iterator[dict[str, int]]:
+    """Time a unit of work and record its stage row: done on success, failed (with the
+    reason) on error. Only a done row makes the chunk's arrays count. The body may set
+    `row["frames"]` once it knows how many frames it made."""
+    row = {"frames": frames}
+    start = time.perf_counter()
+    try:
+        yield row
+    except BaseException as exc:
+        store.record_stage(item_id, stage, chunk, "failed", seconds=time.perf_counter() - start,
+                           frames=row["frames"], cache_key=key, error=one_line(exc))
+        raise
+    store.record_stage(item_id, stage, chunk, "done", seconds=time.perf_counter() - start,
+                       frames=row["frames"], cache_key=key)
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, FreetalkError) else text
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry condition: retry I/O hiccups and out-of-memory, never a user-fixable error or a
+    bug (those fail the same way again)."""
+    try:
+        state.result()
+    except FreetalkError:
+        return False
+    except (TimeoutError, ConnectionError, BlockingIOError, InterruptedError):
+        return True
+    except Exception as exc:  # noqa: BLE001 - classified by message below
+        return "out of memory" in str(exc).lower()
+    return False
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class StageProgress:
+    """Fan-out of per-stage progress: command-line bars subscribe here, and each update is
+    mirrored into a Prefect progress artifact for the UI when running inside a flow."""
+
+    def __init__(self):
+        self._listeners: list = []
+        self._artifacts: dict[tuple[str, str], Any] = {}
+
+    def subscribe(self, listener) -> None:
+        """`listener(item_id, stage, done, total)` is called on every update."""
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def update(self, item_id: str, stage: str, done: int, total: int) -> None:
+        for listener in list(self._listeners):
+            listener(item_id, stage, done, total)
+        self._artifact(item_id, stage, 100.0 * done / max(total, 1))
+
+    def _artifact(self, item_id: str, stage: str, percent: float) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+        from prefect.context import TaskRunContext
+
+        if TaskRunContext.get() is None:
+            return
+        key = (item_id, stage)
+        if key not in self._artifacts:
+            self._artifacts[key] = create_progress_artifact(
+                percent, description=f"{stage} of {item_id}")
+        else:
+            update_progress_artifact(self._artifacts[key], percent)
+
+
+progress = StageProgress()

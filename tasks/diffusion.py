@@ -1,0 +1,50 @@
+"""Stage 6: per-frame inpainting diffusion conditioned on identity and structure."""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import task
+
+from freetalk_core import CROP_SIZE, diffusion as dm
+from tasks.common import (STAGE_CACHE, progress, ItemJob, StageRef, chunk_ranges, is_transient,
+                          recorded_chunk, resolve_device)
+
+STAGE = "diffusion"
+
+
+@task(name="diffusion", cache_policy=STAGE_CACHE, persist_result=True, retries=1, retry_condition_fn=is_transient)
+def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
+              controlled: StageRef) -> StageRef:
+    """`diffusion/frames (T, 512, 512, 3) uint8`: generated crops."""
+    store = job.open_store()
+    item, n = job.item_id, controlled.frames
+    chunks = chunk_ranges(n, job.chunk_frames)
+    done = store.done_chunks(item, STAGE, key)
+    if len(done) == len(chunks):
+        return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
+
+    device = resolve_device(job.device)
+    pipe = dm.load_pipeline(job.models_dir, device=device)
+    noise = dm.initial_noise(job.seed, CROP_SIZE, CROP_SIZE)
+    negative = store.read(item, "clip_embed", "negative_embedding").astype(np.float32)
+    identity = store.read(item, "clip_embed", "identity_embedding").astype(np.float32)
+    id_crops = store.array(item, "face_crop", "identity_crops")
+    masks = store.array(item, "face_crop", "mouth_masks")
+    adjusted = store.array(item, "controller", "embeddings")
+    out = store.open_array(item, STAGE, "frames", (n, CROP_SIZE, CROP_SIZE, 3), np.uint8,
+                           job.chunk_frames)
+    for chunk, (start, stop) in enumerate(chunks):
+        progress.update(item, STAGE, chunk, len(chunks))
+        if chunk in done:
+            continue
+        with recorded_chunk(store, item, STAGE, chunk, key, frames=stop - start):
+            crop_block, mask_block = id_crops[start:stop], masks[start:stop]
+            embed_block = adjusted[start:stop].astype(np.float32)
+            generated = []
+            for b in range(0, stop - start, job.batch_size):
+                sl = slice(b, b + job.batch_size)
+                generated.append(dm.generate_frames(
+                    pipe, crop_block[sl], mask_block[sl], embed_block[sl], negative, identity,
+                    noise, steps=job.steps, guidance=job.guidance, ip_scale=job.ip_adapter_scale))
+            out[start:stop] = np.concatenate(generated)
+    return StageRef(item_id=item, stage=STAGE, key=key, frames=n)

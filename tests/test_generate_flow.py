@@ -1,0 +1,134 @@
+"""The whole `generate` flow on 1-second clips of two different people, tiny models, CPU."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from storage import STAGES, Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, eos_dir):
+    from freetalk_core.models import write_tiny_models
+
+    path = tmp_path_factory.mktemp("models")
+    write_tiny_models(path, eos_source=eos_dir)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_second_pair(tmp_path_factory, samples_dir):
+    from freetalk_core import video
+
+    folder = tmp_path_factory.mktemp("clips")
+    clips = []
+    for name in ("SadTalker__WDA_KatieHill_000.mp4", "MimicTalk__May_5s.mp4"):
+        source = samples_dir / name
+        frames = video.read_video(source, fps=25.0, max_frames=25)
+        out = folder / name
+        video.write_video(out, iter(frames), 25.0, audio=source)
+        clips.append(out)
+    return clips
+
+
+def _run(job):
+    from flows.generate import generate_to
+    from flows.runtime import configure_environment, store_settings
+
+    configure_environment()
+    with store_settings(Path(job.store)):
+        start = time.perf_counter()
+        out = generate_to(job, Path(job.store).parent / f"{job.item_id}.mp4")
+        return out, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_models, one_second_pair):
+    from flows.generate import make_job
+
+    store = tmp_path_factory.mktemp("run") / "store"
+    job = make_job(*one_second_pair, store=store, models=tiny_models, steps=2, batch_size=4,
+                   chunk_frames=10)
+    out, seconds = _run(job)
+    return job, out, seconds
+
+
+def _psnr(a, b, weight):
+    err = ((a.astype(np.float64) - b.astype(np.float64)) ** 2 * weight[..., None]).sum()
+    mse = err / max(weight.sum() * 3, 1)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def test_output_has_identity_size_lip_duration_and_audio(first_run):
+    job, out, _ = first_run
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        assert (stream.width, stream.height) == (512, 512)
+    assert abs(len(frames) - 25) <= 1
+    from freetalk_core import video
+
+    info = video.probe(out)
+    assert info.has_audio
+    assert abs(video.audio_duration(out) - info.duration) < 0.1
+
+
+def test_store_holds_every_stage_done(first_run):
+    job, _, _ = first_run
+    store = Store(job.store)
+    assert store.item(job.item_id)["status"] == "done"
+    assert store.item(job.item_id)["n_frames"] == 25
+    rows = store.stage_rows(job.item_id)
+    assert {r["stage"] for r in rows if r["status"] == "done"} == set(STAGES)
+    for stage in STAGES:
+        assert store.has_stage_group(job.item_id, stage), stage
+    assert store.read(job.item_id, "structure_render", "frames").shape == (25, 512, 512, 3)
+    assert store.read(job.item_id, "diffusion", "frames").shape == (25, 512, 512, 3)
+    assert store.read(job.item_id, "noise_filter", "noise_pattern").shape == (512, 512)
+    assert "MNP" in store.metrics(job.item_id)[job.item_id]
+
+
+def test_output_equals_identity_outside_the_mouth_mask(first_run):
+    from freetalk_core import face_crop as fc, video
+
+    job, out, _ = first_run
+    store = Store(job.store)
+    identity = video.read_video(job.identity, fps=25.0)
+    output = video.read_video(out, fps=25.0)
+    masks = store.read(job.item_id, "face_crop", "mouth_masks")
+    transforms = store.read(job.item_id, "face_crop", "identity_transforms")
+    index = store.read(job.item_id, "face_crop", "identity_index")
+    for t in range(0, len(output), 6):
+        ident = identity[index[t]]
+        full_mask = fc.paste_back(np.zeros_like(ident), np.full((512, 512, 3), 255, np.uint8),
+                                  transforms[t], masks[t])[..., 0]
+        outside = (full_mask == 0).astype(np.float64)
+        assert outside.mean() > 0.5
+        assert _psnr(output[t], ident, outside) > 35
+
+
+def test_second_run_recomputes_nothing(first_run):
+    job, _, first_seconds = first_run
+    store = Store(job.store)
+    rows_before = len(store._read("stages"))
+    _, seconds = _run(job)
+    assert len(store._read("stages")) == rows_before  # no stage ran again
+    assert seconds < first_seconds
+
+
+def test_cli_reports_missing_models_in_one_line(tmp_path, one_second_pair):
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "generate", *map(str, one_second_pair), "-o",
+         str(tmp_path / "o.mp4"), "--models", str(tmp_path / "nothing"), "--store", str(tmp_path / "s")],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "freetalk models" in lines[0]

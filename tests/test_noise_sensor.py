@@ -1,0 +1,261 @@
+import numpy as np
+import pytest
+
+from freetalk_core import noise_sensor
+from freetalk_core.noise_sensor import (chunk_context, mean_noise_pattern, noise_pattern,
+                                        noise_pattern_heatmap, noise_pattern_sequence,
+                                        noise_variance, temporal_filter, temporal_filter_chunk)
+
+
+def _synthetic_flows(n=10_000, a=(1.7, -0.6), b=(3.0, -2.0), noise_std=(0.8, 1.3), seed=0):
+    """g = a*r + b + n per component, on a 1x1 image: n flow samples of one pixel."""
+    rng = np.random.default_rng(seed)
+    r = rng.normal(0.0, 2.0, size=(n, 1, 1, 2))
+    noise = rng.normal(0.0, 1.0, size=(n, 1, 1, 2)) * np.asarray(noise_std)
+    g = np.asarray(a) * r + np.asarray(b) + noise
+    return g.astype(np.float32), r.astype(np.float32), noise
+
+
+def test_theorem1_recovers_noise_variance_within_5_percent():
+    g, r, noise = _synthetic_flows()
+    est = noise_variance(g, r)[0, 0]
+    true = noise.reshape(-1, 2).var(axis=0)
+    np.testing.assert_allclose(est, true, rtol=0.05)
+    # and against the generating variances 0.8^2, 1.3^2
+    np.testing.assert_allclose(est, [0.64, 1.69], rtol=0.05)
+    pattern = noise_pattern(g, r)
+    assert pattern.shape == (1, 1) and pattern.dtype == np.float32
+    assert pattern[0, 0] == pytest.approx(np.hypot(*true), rel=0.05)
+
+
+def test_theorem1_per_pixel_on_an_image():
+    # 10,000 frames of a 3x4 image; the noise level differs per pixel and per component
+    rng = np.random.default_rng(1)
+    n, h, w = 10_000, 3, 4
+    r = rng.normal(0.0, 1.5, size=(n, h, w, 2))
+    a = rng.uniform(-2, 2, size=(h, w, 2))
+    b = rng.uniform(-5, 5, size=(h, w, 2))
+    std = rng.uniform(0.1, 2.0, size=(h, w, 2))
+    noise = rng.normal(size=(n, h, w, 2)) * std
+    g = a * r + b + noise
+    est = noise_variance(g.astype(np.float32), r.astype(np.float32))
+    np.testing.assert_allclose(est, noise.var(axis=0), rtol=0.05)
+
+
+def test_no_noise_gives_zero_pattern():
+    rng = np.random.default_rng(2)
+    r = rng.normal(size=(50, 4, 4, 2)).astype(np.float32)
+    assert noise_pattern(2.0 * r + 1.0, r).max() < 1e-4
+
+
+def test_static_reference_guard_counts_all_generated_variance_as_noise():
+    rng = np.random.default_rng(3)
+    g = rng.normal(0.0, 0.5, size=(2000, 2, 2, 2)).astype(np.float32)
+    r = np.zeros_like(g)
+    est = noise_variance(g, r)
+    assert np.all(np.isfinite(est))
+    np.testing.assert_allclose(est, g.var(axis=0), rtol=1e-4)
+
+
+def test_flow_only_inside_a_box_gives_pattern_only_there():
+    rng = np.random.default_rng(9)
+    g_box = rng.normal(size=(30, 5, 6, 2)).astype(np.float32)
+    r_box = rng.normal(size=(30, 5, 6, 2)).astype(np.float32)
+    g = np.zeros((30, 20, 24, 2), np.float32)
+    r = np.zeros_like(g)
+    g[:, 7:12, 10:16] = g_box
+    r[:, 7:12, 10:16] = r_box
+    pattern = noise_pattern(g, r)
+    np.testing.assert_array_equal(pattern[7:12, 10:16], noise_pattern(g_box, r_box))
+    pattern[7:12, 10:16] = 0
+    assert not pattern.any()
+    seq = noise_pattern_sequence(g, r, 6)
+    np.testing.assert_array_equal(seq[:, 7:12, 10:16], noise_pattern_sequence(g_box, r_box, 6))
+    assert not noise_pattern(np.zeros_like(g), np.zeros_like(r)).any()
+    assert not noise_pattern_sequence(np.zeros_like(g), np.zeros_like(r), 4).any()
+
+
+def test_pattern_is_never_negative():
+    rng = np.random.default_rng(4)
+    r = rng.normal(size=(5, 8, 8, 2)).astype(np.float32)
+    assert noise_pattern(r, r).min() >= 0.0
+
+
+def test_shape_errors_name_the_argument():
+    g = np.zeros((4, 5, 5, 2), np.float32)
+    with pytest.raises(ValueError, match="reference_flow"):
+        noise_pattern(g, g[:, :4])
+    with pytest.raises(ValueError, match="generated_flow"):
+        noise_pattern(g[..., 0], g[..., 0])
+
+
+def test_sequence_matches_direct_window_statistics_and_is_local():
+    rng = np.random.default_rng(5)
+    n_flows, window = 40, 8
+    r = rng.normal(size=(n_flows, 3, 3, 2))
+    noise_std = np.where(np.arange(n_flows) < 20, 0.1, 2.0)[:, None, None, None]
+    g = 1.5 * r + 10.0 + rng.normal(size=r.shape) * noise_std
+    seq = noise_pattern_sequence(g.astype(np.float32), r.astype(np.float32), window)
+    assert seq.shape == (n_flows + 1, 3, 3) and seq.dtype == np.float32
+    for t in (0, 3, 17, 25, n_flows):
+        lo = min(max(t - window // 2, 0), n_flows - window)
+        direct = noise_pattern(g[lo:lo + window].astype(np.float32), r[lo:lo + window].astype(np.float32))
+        np.testing.assert_allclose(seq[t], direct, rtol=1e-4, atol=1e-6)
+    # the noisy second half is seen locally, not smeared over the clip
+    assert seq[35].mean() > 20 * seq[5].mean()
+    # a window covering the clip is the whole-clip pattern for every frame
+    whole = noise_pattern_sequence(g.astype(np.float32), r.astype(np.float32), 1000)
+    np.testing.assert_allclose(whole, np.broadcast_to(noise_pattern(g, r), whole.shape),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(noise_pattern(g, r, window=window), seq.mean(axis=0), rtol=1e-6)
+
+
+def _random_clip(t=12, h=20, w=24, seed=6):
+    return np.random.default_rng(seed).integers(0, 256, size=(t, h, w, 3), dtype=np.uint8)
+
+
+def test_filter_zero_sigma_is_identity():
+    frames = _random_clip()
+    out = temporal_filter(frames, np.zeros(frames.shape[1:3], np.float32))
+    assert out.dtype == np.uint8 and out.shape == frames.shape
+    np.testing.assert_array_equal(out, frames)
+
+
+def test_filter_weights_hand_computed_with_edge_replication():
+    frames = np.zeros((6, 1, 1, 3), np.uint8)
+    frames[:, 0, 0, 0] = [0, 10, 20, 30, 40, 200]
+    sigma = np.ones((1, 1), np.float32)
+    w = np.exp(-np.arange(-2, 3) ** 2 / 2.0)
+    w /= w.sum()
+    out = temporal_filter(frames, sigma, kernel_size=5)[:, 0, 0, 0]
+    v = frames[:, 0, 0, 0].astype(float)
+    padded = np.concatenate([[v[0]] * 2, v, [v[-1]] * 2])  # edge replication, never wrap
+    expected = np.rint([np.dot(w, padded[t:t + 5]) for t in range(6)])
+    np.testing.assert_array_equal(out, expected)
+    # no wrap-around: the first frame does not see the last frame's 200
+    assert out[0] < 10
+
+
+def test_filter_large_sigma_approaches_box_average():
+    frames = np.zeros((5, 1, 1, 3), np.uint8)
+    frames[:, 0, 0, :] = np.array([0, 50, 100, 150, 200])[:, None]
+    out = temporal_filter(frames, np.full((1, 1), 1e4, np.float32), kernel_size=3)
+    # kernel 3 with a flat Gaussian: mean of (t-1, t, t+1), ends replicated
+    np.testing.assert_array_equal(out[:, 0, 0, 0], np.rint([50 / 3, 50, 100, 150, 550 / 3]))
+
+
+def test_filter_mask_zero_pixels_are_bit_exact_and_mask_blends():
+    frames = _random_clip()
+    sigma = np.full(frames.shape[1:3], 2.0, np.float32)
+    mask = np.zeros(frames.shape[1:3], np.float32)
+    mask[5:15, 6:18] = 1.0
+    mask[8:12, 2:6] = 0.5
+    out = temporal_filter(frames, sigma, mask=mask)
+    full = temporal_filter(frames, sigma)
+    np.testing.assert_array_equal(out[:, mask == 0], frames[:, mask == 0])
+    np.testing.assert_array_equal(out[:, mask == 1], full[:, mask == 1])
+    half = mask == 0.5
+    expected = np.rint(frames[:, half] + 0.5 * (full[:, half].astype(float) - frames[:, half]))
+    assert np.abs(out[:, half].astype(int) - expected).max() <= 1
+    assert (out[:, mask == 1] != frames[:, mask == 1]).mean() > 0.9
+
+
+def test_filter_accepts_per_frame_pattern_and_mask():
+    frames = _random_clip()
+    t = frames.shape[0]
+    sigma = np.zeros((t,) + frames.shape[1:3], np.float32)
+    sigma[4] = 1.5
+    mask = np.ones((t,) + frames.shape[1:3], np.float32)
+    mask[4, :, :10] = 0.0
+    out = temporal_filter(frames, sigma, mask=mask)
+    changed = np.any(out != frames, axis=(2, 3))
+    assert changed[4].any() and not changed[np.arange(t) != 4].any()
+    np.testing.assert_array_equal(out[4, :, :10], frames[4, :, :10])
+    with pytest.raises(ValueError, match="noise_pattern"):
+        temporal_filter(frames, sigma[:3])
+    with pytest.raises(ValueError, match="kernel_size"):
+        temporal_filter(frames, sigma, kernel_size=4)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 9])
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_chunked_filtering_equals_whole_clip_exactly(kernel_size, per_frame):
+    rng = np.random.default_rng(7)
+    frames = _random_clip(t=23, h=16, w=18, seed=8)
+    n = frames.shape[0]
+    shape = (n,) + frames.shape[1:3] if per_frame else frames.shape[1:3]
+    sigma = rng.uniform(0.0, 3.0, size=shape).astype(np.float32)
+    mask = rng.uniform(0.0, 1.0, size=shape).astype(np.float32)
+    mask[mask < 0.3] = 0.0
+    whole = temporal_filter(frames, sigma, kernel_size, mask)
+    pieces = []
+    for start in range(0, n, 5):
+        stop = min(n, start + 5)
+        lo, hi = chunk_context(start, stop, n, kernel_size)
+        s = sigma[start:stop] if per_frame else sigma
+        m = mask[start:stop] if per_frame else mask
+        pieces.append(temporal_filter_chunk(frames[lo:hi], s, start, stop, n, kernel_size, m))
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)
+
+
+def test_chunk_context_default_kernel_needs_two_frames_of_overlap():
+    assert chunk_context(10, 20, 100) == (8, 22)
+    assert chunk_context(0, 20, 100) == (0, 22)
+    assert chunk_context(90, 100, 100) == (88, 100)
+    with pytest.raises(ValueError, match="frames"):
+        temporal_filter_chunk(_random_clip(t=5), np.zeros((20, 24)), 10, 15, 30)
+
+
+def test_mean_noise_pattern_is_mask_weighted():
+    pattern = np.array([[1.0, 3.0], [5.0, 7.0]], np.float32)
+    mask = np.array([[1.0, 0.0], [0.5, 0.0]], np.float32)
+    assert mean_noise_pattern(pattern, mask) == pytest.approx((1.0 + 2.5) / 1.5)
+    assert mean_noise_pattern(pattern) == pytest.approx(4.0)
+    seq = np.stack([pattern, 2 * pattern])
+    assert mean_noise_pattern(seq, mask) == pytest.approx(1.5 * (1.0 + 2.5) / 1.5)
+    assert mean_noise_pattern(pattern, np.zeros_like(mask)) == 0.0
+
+
+def test_heatmap_is_rgb_uint8_and_ordered():
+    pattern = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    img = noise_pattern_heatmap(pattern)
+    assert img.shape == (8, 8, 3) and img.dtype == np.uint8
+    brightness = img.astype(int).sum(axis=-1).ravel()
+    assert brightness[-1] > brightness[0]
+    flat = noise_pattern_heatmap(np.zeros((4, 4)))
+    assert (flat == flat[0, 0]).all()  # all-zero pattern: one colour, no division by zero
+
+
+def test_module_constants():
+    assert noise_sensor.DEFAULT_KERNEL_SIZE == 5
+
+
+def test_cpbd_sharp_edges_score_higher_than_blurred(samples_dir):
+    import cv2
+
+    from freetalk_core.cpbd import cpbd
+
+    av = pytest.importorskip("av")
+    with av.open(str(samples_dir / "MimicTalk__May_5s.mp4")) as container:
+        frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    sharp = cpbd(frame)
+    soft = cpbd(cv2.GaussianBlur(frame, (0, 0), 0.7))
+    blurred = cpbd(cv2.GaussianBlur(frame, (0, 0), 2.0))
+    assert 0.05 < sharp <= 1.0
+    assert sharp > soft > blurred >= 0.0
+
+
+def test_cpbd_step_edge_widths():
+    from freetalk_core.cpbd import cpbd, edge_widths, sobel_vertical_edges
+
+    image = np.zeros((128, 128), np.float64)
+    image[:, 64:] = 200.0
+    edges = sobel_vertical_edges(image)
+    assert edges[10:-10, 63].all() and edges[10:-10].sum() == edges[10:-10, 63].sum()
+    # a one-pixel step: one pixel up to the maximum, one down to the minimum (Marziliano)
+    np.testing.assert_array_equal(edge_widths(image, edges)[10:-10, 63], 2.0)
+    ramp = np.clip((np.arange(128) - 58) * 20.0, 0, 200)[None].repeat(128, axis=0)
+    ramp_widths = edge_widths(ramp, sobel_vertical_edges(ramp))
+    assert ramp_widths[10:-10].max() >= 9  # the 10-pixel ramp is a wide (blurred) edge
+    assert cpbd(image.astype(np.uint8)) == 1.0
+    assert cpbd(ramp.astype(np.uint8)) == 0.0

@@ -1,0 +1,122 @@
+import av
+import numpy as np
+import pytest
+
+from freetalk_core.face_crop import (
+    LandmarkDetector,
+    crop_transforms,
+    fill_and_smooth,
+    track_landmarks,
+    transform_points,
+    warp_to_crop,
+)
+from freetalk_core.fit_3dmm import fit_landmarks, load_face_model
+from freetalk_core.structure_render import (
+    ModernGLRenderer,
+    lip_distance,
+    lower_face_mask,
+    mouth_motion,
+    normalised_landmarks,
+    render_structure_frames,
+)
+
+N_FRAMES = 40
+
+
+def decode(path, n):
+    with av.open(str(path)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index >= n:
+                return
+            yield frame.to_ndarray(format="rgb24")
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return LandmarkDetector()
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    return ModernGLRenderer()
+
+
+@pytest.fixture(scope="module")
+def model(eos_dir):
+    return load_face_model(eos_dir)
+
+
+@pytest.fixture(scope="module")
+def clips(samples_dir, detector, model):
+    """Aligned crops, crop landmarks and fits of the first frames of a few samples."""
+    out = {}
+    for name in ["MimicTalk__May_5s.mp4", "EDTalk__mouth_source.mp4", "VideoRetalking__face_2.mp4"]:
+        frames = list(decode(samples_dir / name, N_FRAMES))
+        landmarks, found = track_landmarks(iter(frames), detector)
+        landmarks, _ = fill_and_smooth(landmarks, found)
+        M = crop_transforms(landmarks)
+        crops = np.stack([warp_to_crop(f, m) for f, m in zip(frames, M)])
+        crop_landmarks = transform_points(landmarks, M[:, None])
+        out[name] = (crops, crop_landmarks, fit_landmarks(model, crop_landmarks))
+    return out
+
+
+def detected_lip_opening(detector, images):
+    """(T,) lip opening in inter-ocular distances, measured with dlib on the images."""
+    landmarks = np.stack([detector.detect(image) for image in images])
+    return lip_distance(normalised_landmarks(landmarks))
+
+
+def test_renderer_interpolates_attributes_with_a_depth_test(renderer):
+    positions = np.array(
+        [[10, 10, 0], [100, 10, 0], [10, 100, 0], [20, 20, 1], [60, 20, 1], [20, 60, 1]], np.float32
+    )
+    triangles = np.array([[0, 1, 2], [3, 4, 5]], np.int32)
+    attributes = np.array([[1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [0, 1]], np.float32)
+    image, covered = renderer.rasterize(positions, triangles, attributes, 128)
+    assert image.shape == (128, 128, 2) and covered.shape == (128, 128)
+    assert covered[15, 15] and covered[80, 15] and not covered[100, 100] and not covered[5, 5]
+    np.testing.assert_allclose(image[80, 15], [1, 0], atol=1e-5)  # far triangle only
+    np.testing.assert_allclose(image[25, 25], [0, 1], atol=1e-5)  # the nearer one wins
+    # Rows are image rows: y down.
+    assert covered[90, 12] and not covered[12, 90 + 20]
+
+
+def test_normalised_landmarks_remove_roll_and_scale(clips):
+    _, landmarks, _ = clips["MimicTalk__May_5s.mp4"]
+    angle = np.deg2rad(20)
+    R = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]], np.float32)
+    moved = 1.7 * landmarks @ R.T + np.array([30.0, -12.0], np.float32)
+    np.testing.assert_allclose(normalised_landmarks(moved), normalised_landmarks(landmarks), atol=1e-4)
+    motion = mouth_motion(landmarks)
+    assert np.abs(motion).min(axis=(1, 2)).min() == 0.0  # the closed frame is its own reference
+
+
+@pytest.mark.parametrize(
+    "identity, lip_ref",
+    [
+        ("MimicTalk__May_5s.mp4", "EDTalk__mouth_source.mp4"),
+        ("VideoRetalking__face_2.mp4", "MimicTalk__May_5s.mp4"),
+    ],
+)
+def test_structure_frames_follow_the_lip_reference(clips, model, renderer, detector, identity, lip_ref):
+    crops, landmarks, fit = clips[identity]
+    lip_crops, lip_landmarks, lip_fit = clips[lip_ref]
+    frames = render_structure_frames(model, crops, landmarks, fit, lip_landmarks, lip_fit, renderer=renderer)
+    assert frames.shape == crops.shape and frames.dtype == np.uint8
+
+    # Upper face unchanged: every pixel above the lower-face region is the identity crop's.
+    for t in range(0, N_FRAMES, 7):
+        top = int(np.floor(landmarks[t, [2, 14, 31, 32, 33, 34, 35], 1].min()))
+        assert np.array_equal(frames[t, :top], crops[t, :top])
+        assert lower_face_mask(landmarks[t])[:top].max() == 0.0
+    # The face is rendered where the mouth is: the lower face changed.
+    mouth = lower_face_mask(landmarks[0]) > 0.99
+    assert np.abs(frames.astype(int) - crops.astype(int))[:, mouth].mean() > 1.0
+
+    # Lip transfer: the structure frames' lip opening, measured with dlib, follows the lip
+    # reference's in time and in amplitude (relative to the inter-ocular distance).
+    rendered = detected_lip_opening(detector, frames)
+    reference = detected_lip_opening(detector, lip_crops)
+    assert np.corrcoef(rendered, reference)[0, 1] > 0.85
+    assert 0.7 < rendered.std() / reference.std() < 1.4
