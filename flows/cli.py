@@ -100,7 +100,7 @@ def generate(
     steps: int = typer.Option(20, min=1, help="DPM-Solver++ steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     seed: int = typer.Option(42, help="Seed of the initial noise shared by all frames."),
-    batch_size: int = typer.Option(4, min=1, help="Frames per diffusion batch."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Frames per diffusion batch [4 on CPU; from free memory on GPU]."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
     verbose: bool = VERBOSE,
@@ -132,7 +132,7 @@ def dataset(
     manifest: Path = typer.Argument(..., help="CSV or Parquet: item_id, identity, lip_ref[, audio]."),
     store: Optional[Path] = typer.Option(None, help="Store directory [$FREETALK_STORE or ./freetalk-store]."),
     models: Optional[Path] = typer.Option(None, help="Models directory [$FREETALK_MODELS]."),
-    batch_size: int = typer.Option(4, min=1, help="Frames per diffusion batch."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Frames per diffusion batch [4 on CPU; from free memory on GPU]."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     verbose: bool = VERBOSE,
 ) -> None:

@@ -134,7 +134,7 @@ def generate_to(job: ItemJob, out: str | Path) -> Path:
 @flow(name="generate-pair")
 def generate_pair(identity: str, lip_ref: str, out: str, store: str, models: str,
                   audio: str | None = None, steps: int = 20, guidance: float = 7.5,
-                  seed: int = 42, batch_size: int = 4, device: str = "auto") -> str:
+                  seed: int = 42, batch_size: int | None = None, device: str = "auto") -> str:
     """Deployment entry point: plain parameters in, the output path out."""
     job = make_job(identity, lip_ref, audio=audio, store=store, models=models, steps=steps,
                    guidance=guidance, seed=seed, batch_size=batch_size, device=device)

@@ -96,7 +96,7 @@ def open_mouth(image: np.ndarray, landmarks: np.ndarray, opening: float) -> np.n
     lip_line = float(landmarks[60:68, 1].mean())
     lower_lip = float(landmarks[57, 1])
     chin = float(landmarks[8, 1])
-    drop = opening * 0.75 * half_width
+    drop = float(opening) * 0.75 * float(half_width)
 
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     # Below the lower lip the moving region widens towards the jaw's width.
@@ -109,7 +109,8 @@ def open_mouth(image: np.ndarray, landmarks: np.ndarray, opening: float) -> np.n
     down = 1.0 - _smoothstep((ys - fade_start) / max(fade_end - fade_start, 1.0))
     shift = drop * column * down * (ys >= lip_line)
 
-    source_y = ys - shift
+    # float32 maps: OpenCV 5's remap never returns on float64 maps.
+    source_y = (ys - shift).astype(np.float32)
     warped = cv2.remap(image, xs, source_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
     # Inside the mouth: output pixels whose source would lie above the lip line.
     inside = np.clip(lip_line - source_y + 0.5, 0.0, 1.0) * np.clip(ys - lip_line + 0.5, 0.0, 1.0)
@@ -119,7 +120,7 @@ def open_mouth(image: np.ndarray, landmarks: np.ndarray, opening: float) -> np.n
     return np.clip(warped * (1 - inside) + mouth * inside + 0.5, 0, 255).astype(np.uint8)
 
 
-def speech_audio(seconds: float, fps: float = DEFAULT_FPS) -> np.ndarray:
+def speech_audio(seconds: float) -> np.ndarray:
     """`(n,) float32` mono samples at AUDIO_RATE: a voiced buzz, loud where the mouth is open."""
     t = np.arange(int(round(seconds * AUDIO_RATE))) / AUDIO_RATE
     pitch = 140.0 + 12.0 * np.sin(2 * np.pi * 0.8 * t)
@@ -157,7 +158,7 @@ def make_demo_clips(out_dir, seconds: float = 2.0, fps: float = DEFAULT_FPS) -> 
     fd, wav = tempfile.mkstemp(prefix=".lip_ref_audio.", suffix=".wav", dir=out_dir)
     os.close(fd)
     try:
-        _write_wav(Path(wav), speech_audio(seconds, fps))
+        _write_wav(Path(wav), speech_audio(seconds))
         lip_ref = write_video(out_dir / "lip_ref.mp4",
                               (open_mouth(image, landmarks, o) for o in mouth_opening(times)),
                               fps, audio=wav)

@@ -10,7 +10,6 @@ them to crop pixels with `project_vertices`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -46,6 +46,12 @@ OUTER_LIP_PAIRS = ((50, 58), (51, 57), (52, 56))
 UPPER_LIP = np.array([48, 49, 50, 51, 52, 53, 54, 60, 61, 62, 63, 64])
 LOWER_LIP = np.array([48, 54, 55, 56, 57, 58, 59, 60, 64, 65, 66, 67])
 CHIN = np.array([6, 7, 8, 9, 10])
+LOWER_JAW_AND_LIP = np.array([5, 6, 7, 8, 9, 10, 11, 55, 56, 57, 58, 59, 65, 66, 67])
+"""Landmarks that move down together when a mouth opens further."""
+INNER_LIP_PAIRS = np.array([[61, 50], [62, 51], [63, 52], [65, 56], [66, 57], [67, 58]])
+"""Inner-lip landmarks with the outer-lip landmark across the same lip."""
+INNER_LIP_INSET = 0.45
+"""How far into the lip (fraction of its thickness) the texture's inner lip edge is sampled."""
 PINNED = np.concatenate([np.arange(17, 36), np.arange(36, 48), [0, 1, 2, 14, 15, 16]])
 """Landmarks whose vertices the mouth motion must not move: brows, nose, eyes, upper jaw."""
 
@@ -314,18 +320,31 @@ class MouthRig:
         pinned = [vertex_of[i] for i in PINNED if i in vertex_of]
         pinned += [int(v) for v in outer_boundary if base[v, 1] > base[lv[33], 1]]
 
-        # Which side of the mouth line each vertex is on: below the mouth loop's middle at its x;
-        # the loop's own vertices by which inner lip (upper or lower) is nearer.
+        # Which side of the mouth line each vertex is on (weight of the lower field): sharp at
+        # the mouth, so the lips can part, and an ever smoother transition beside it, so the
+        # cheeks do not tear along the line through the mouth corners. The mouth loop's own
+        # vertices go with their lip, half and half at the mouth corners.
         xy = base[:, :2]
         loop_xy = xy[self.mouth_loop]
         order = np.argsort(loop_xy[:, 0])
-        below = xy[:, 1] < np.interp(xy[:, 0], loop_xy[order, 0], loop_xy[order, 1])
-        upper_inner = xy[[lv[i] for i in (61, 62, 63)]]
-        lower_inner = xy[[lv[i] for i in (65, 66, 67)]]
-        for v in self.mouth_loop:
-            below[v] = (np.linalg.norm(lower_inner - xy[v], axis=1).min()
-                        < np.linalg.norm(upper_inner - xy[v], axis=1).min())
-        self.below = below
+        below_line = np.interp(xy[:, 0], loop_xy[order, 0], loop_xy[order, 1]) - xy[:, 1]
+        beside = np.maximum(loop_xy[:, 0].min() - xy[:, 0], xy[:, 0] - loop_xy[:, 0].max())
+        width = np.maximum(beside, 0.0) + 1e-3
+        below = np.clip(0.5 + below_line / (2.0 * width), 0.0, 1.0)
+        # The loop's two arcs between its corners (leftmost and rightmost vertex) are the
+        # inner edges of the two lips: the one through the upper inner lip's centre is upper.
+        # (Nearness in x-y cannot tell them apart: at a closed mouth they touch.)
+        loop = list(self.mouth_loop)
+        left, right = loop.index(int(self.mouth_loop[np.argmin(loop_xy[:, 0])])), loop.index(
+            int(self.mouth_loop[np.argmax(loop_xy[:, 0])]))
+        if left > right:
+            left, right = right, left
+        arc_a, arc_b = loop[left + 1:right], loop[right + 1:] + loop[:left]
+        upper_arc, lower_arc = (arc_a, arc_b) if int(lv[62]) in arc_a else (arc_b, arc_a)
+        below[upper_arc] = 0.0
+        below[lower_arc] = 1.0
+        below[[loop[left], loop[right]]] = 0.5
+        self.below = below.astype(np.float32)
 
         scale = sigma * self.inter_ocular
         self.landmarks_up = np.array(controls_up)
@@ -384,11 +403,21 @@ class MouthRig:
         up = self.weights_up @ d[self.landmarks_up]
         low = self.weights_low @ d[self.landmarks_low]
         moved = self.base.copy()
-        moved[:, :2] += np.where(self.below[:, None], low, up) * self.fade[:, None]
+        moved[:, :2] += (low * self.below[:, None] + up * (1 - self.below[:, None])) * self.fade[:, None]
         loop = moved[self.mouth_loop]
         ring = loop + self.ring_offset
         back = loop.mean(0) + self.back_offset
         return np.concatenate([moved, ring, back[None]]).astype(np.float32)
+
+    def projected_opening(self, vertices: np.ndarray, landmark_vertex: np.ndarray, modelview: np.ndarray,
+                          projection: np.ndarray, size: int) -> float:
+        """The lip opening (see `lip_distance`, in inter-ocular distances, roll removed) of
+        model-space `vertices` as this camera shows them; landmark_vertex: (68,) the model's."""
+        points = np.zeros((68, 3), np.float32)
+        mapped = landmark_vertex >= 0
+        points[mapped] = vertices[landmark_vertex[mapped]]
+        projected = project_vertices(points, modelview, projection, size)[None, :, :2]
+        return float(lip_distance(normalised_landmarks(projected))[0])
 
     def registration_motion(self, landmarks: np.ndarray, modelview: np.ndarray,
                             projection: np.ndarray, size: int) -> np.ndarray:
@@ -422,37 +451,53 @@ def _vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-9)
 
 
-def extract_texture(renderer: Renderer, model: FaceModel, rig: MouthRig, crops: np.ndarray,
-                    landmarks: np.ndarray, fit: FitResult, frames: np.ndarray,
-                    size: int = TEXTURE_SIZE) -> np.ndarray:
-    """(size, size, 3) float32 RGB texture in the SFM's UV layout, merged over `frames`.
+def sample_texture(renderer: Renderer, model: FaceModel, rig: MouthRig, crop: np.ndarray,
+                   landmarks: np.ndarray, modelview: np.ndarray, projection: np.ndarray,
+                   rotation: np.ndarray, size: int = TEXTURE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """One crop's colours in the SFM's UV layout: (size, size, 3) float32 RGB and the
+    (size, size) float32 weight of each texel.
 
-    In each chosen identity crop the rig's mesh is registered to that frame's lip and chin
-    landmarks, so the lips are sampled from the lips even where the fit is a few pixels off.
-    Each texel is weighted by the squared cosine between its surface normal and the view
-    direction (grazing views are blurred and unreliable).
-    crops: (T, S, S, 3) uint8; landmarks: (T, 68, 2) crop px; frames: indices into crops and fit.
+    The rig's mesh is first registered to the crop's lip and chin landmarks (68, 2) px, so the
+    lips are sampled from the lips even where the fit is a few pixels off. A texel's weight is
+    the squared cosine between its surface normal and the view direction (grazing views are
+    blurred and unreliable), 0 where no surface maps to it. crop: (S, S, 3) uint8.
     """
     n = rig.n_model
     uv_positions = np.zeros((n, 3), np.float32)
     uv_positions[:, :2] = model.uv * size
+    crop_size = crop.shape[0]
+    # The inner lip edge is sampled a little inside the lips: at a closed or nearly closed
+    # mouth the inner-lip landmarks lie on the dark line between the lips, which would
+    # otherwise rim the lips of every opened mouth with a dark band.
+    landmarks = np.array(landmarks, dtype=np.float32)
+    inner, outer = INNER_LIP_PAIRS[:, 0], INNER_LIP_PAIRS[:, 1]
+    landmarks[inner] += INNER_LIP_INSET * (landmarks[outer] - landmarks[inner])
+    motion = rig.registration_motion(landmarks, modelview, projection, crop_size)
+    vertices = rig.vertices(motion)[:n]
+    projected = project_vertices(vertices, modelview, projection, crop_size)
+    camera_normals = _vertex_normals(vertices, model.triangles) @ np.asarray(rotation).T
+    facing = np.clip(camera_normals[:, 2], 0.0, 1.0) ** 2
+    attributes = np.concatenate([projected[:, :2], facing[:, None]], axis=1)
+    lookup, covered = renderer.rasterize(uv_positions, model.triangles, attributes, size)
+    colour = cv2.remap(crop, lookup[..., 0] - 0.5, lookup[..., 1] - 0.5, cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+    return colour, (lookup[..., 2] * covered).astype(np.float32)
+
+
+def extract_texture(renderer: Renderer, model: FaceModel, rig: MouthRig, crops: np.ndarray,
+                    landmarks: np.ndarray, fit: FitResult, frames: np.ndarray,
+                    size: int = TEXTURE_SIZE) -> np.ndarray:
+    """(size, size, 3) float32 RGB texture in the SFM's UV layout, merged over `frames`: the
+    weighted mean of `sample_texture` over those crops, texels no frame saw filled from their
+    neighbours. crops: (T, S, S, 3) uint8; landmarks: (T, 68, 2) crop px; frames: indices."""
     colour_sum = np.zeros((size, size, 3), np.float64)
     weight_sum = np.zeros((size, size), np.float64)
     for t in frames:
-        motion = rig.registration_motion(landmarks[t], fit.modelview[t], fit.projection[t], fit.size)
-        vertices = rig.vertices(motion)[:n]
-        projected = project_vertices(vertices, fit.modelview[t], fit.projection[t], fit.size)
-        camera_normals = _vertex_normals(vertices, model.triangles) @ fit.rotation[t].T
-        facing = np.clip(camera_normals[:, 2], 0.0, 1.0) ** 2
-        attributes = np.concatenate([projected[:, :2], facing[:, None]], axis=1)
-        lookup, covered = renderer.rasterize(uv_positions, model.triangles, attributes, size)
-        colour = cv2.remap(crops[t], lookup[..., 0] - 0.5, lookup[..., 1] - 0.5, cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_REPLICATE)
-        weight = lookup[..., 2] * covered
+        colour, weight = sample_texture(renderer, model, rig, crops[t], landmarks[t], fit.modelview[t],
+                                        fit.projection[t], fit.rotation[t], size)
         colour_sum += colour * weight[..., None]
         weight_sum += weight
     texture = colour_sum / np.maximum(weight_sum, 1e-6)[..., None]
-    # Texels no frame saw take the colour of their nearest seen neighbour.
     unseen = (weight_sum < 1e-3).astype(np.uint8)
     if unseen.any() and not unseen.all():
         texture = cv2.inpaint(np.clip(texture, 0, 255).astype(np.uint8), unseen, 3, cv2.INPAINT_TELEA)
@@ -484,6 +529,8 @@ def render_structure_frames(
     lip_fit: FitResult | None = None,
     renderer: Renderer | None = None,
     texture_frames: int = 8,
+    own_frame_texture: bool = False,
+    match_opening: bool = True,
 ) -> np.ndarray:
     """The structure frames: the identity's face with the lip reference's mouth motion.
 
@@ -491,6 +538,13 @@ def render_structure_frames(
     float32 crop px; identity_fit: their FitResult (T frames); lip_landmarks: (T, 68, 2) float32
     crop px of the lip reference; lip_fit: its FitResult (accepted for symmetry; the mouth
     motion comes from the landmarks, which follow the lips more closely than the fit does).
+    texture_frames: how many of the identity's most closed-mouth frames the texture merges.
+    own_frame_texture: texture each frame with its own colours where its surface faces the
+    camera (better skin and lighting match; off by default: the identity's own mouth then
+    shows through and the lip transfer drops: Pearson 0.85 -> 0.68 on one sample pair).
+    match_opening: correct the lower lip and chin so the rendered mesh's outer-lip opening, as
+    the identity's camera shows it, equals the identity's closed opening plus the lip
+    reference's opening change.
     Returns (T, S, S, 3) uint8: equal to the identity crop above the nose, the rendered face
     with the lip reference's mouth opening below it.
     """
@@ -523,12 +577,36 @@ def render_structure_frames(
     interior = np.array(MOUTH_INTERIOR_RGB, np.float32)
 
     motion = mouth_motion(lip_landmarks)
+    # Target opening: the identity's own closed mouth, opened as much as the lip reference's
+    # is opened from its own closed mouth.
+    lip_opening = lip_distance(normalised_landmarks(lip_landmarks))
+    target = np.maximum(opening[anchor] + lip_opening - lip_opening[closed_mouth_index(lip_landmarks)], 0.0)
+    drop = np.zeros((68, 2), np.float32)
+    drop[LOWER_JAW_AND_LIP, 1] = 0.05
     out = np.empty_like(identity_crops)
     for t in range(T):
-        vertices = rig.vertices(identity_mouth + motion[t])
+        # The frame's own colours where its surface faces the camera, the merged closed-mouth
+        # texture elsewhere: the lighting and the skin match the identity frame around the mouth.
+        frame_texture = texture
+        if own_frame_texture:
+            own, weight = sample_texture(renderer, model, rig, identity_crops[t], identity_landmarks[t],
+                                         identity_fit.modelview[t], identity_fit.projection[t],
+                                         identity_fit.rotation[t])
+            own_share = np.clip(4.0 * weight, 0.0, 1.0)[..., None]
+            frame_texture = texture * (1 - own_share) + own * own_share
+        # The lower lip and the chin follow the lip reference's opening exactly in the image:
+        # the fit's lips, the rig's spreading and the identity's pose (a pitched head shows a
+        # shorter mouth) each change it a little. Projection is linear: one step is exact.
+        frame_motion = identity_mouth + motion[t]
+        camera = (model.landmark_vertex, identity_fit.modelview[t], identity_fit.projection[t], size)
+        shown = rig.projected_opening(rig.vertices(frame_motion), *camera)
+        slope = rig.projected_opening(rig.vertices(frame_motion + drop), *camera) - shown
+        if match_opening and abs(slope) > 1e-6:
+            frame_motion = frame_motion + drop * ((target[t] - shown) / slope)
+        vertices = rig.vertices(frame_motion)
         projected = project_vertices(vertices, identity_fit.modelview[t], identity_fit.projection[t], size)
         lookup, covered = renderer.rasterize(projected, rig.triangles, attributes, size)
-        colour = cv2.remap(texture, lookup[..., 0] - 0.5, lookup[..., 1] - 0.5, cv2.INTER_LINEAR,
+        colour = cv2.remap(frame_texture, lookup[..., 0] - 0.5, lookup[..., 1] - 0.5, cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
         inside = np.clip(lookup[..., 2:3], 0.0, 1.0)
         colour = colour * (1 - inside) + interior * inside

@@ -7,7 +7,7 @@ by timestamp: output frame `k` is the source frame on screen at time `k / fps`.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -390,9 +390,8 @@ def write_video(path, frames: Iterable[np.ndarray], fps: float, audio=None, crf:
     rate = Fraction(fps).limit_denominator(1001)
     if audio is not None and not has_audio(audio):
         raise VideoReadError(f"{audio} has no audio stream; pass a file with audio or none")
-    fd, video_tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".video.mp4", dir=path.parent)
-    os.close(fd)
-    video_tmp = Path(video_tmp)
+    # A unique name per call, created by FFmpeg with the user's usual permissions.
+    video_tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.video.mp4")
     muxed_tmp = video_tmp.with_suffix(".muxed.mp4")
     try:
         n = _encode_video(video_tmp, frames, rate, crf)

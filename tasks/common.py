@@ -47,7 +47,7 @@ class ItemJob(BaseModel):
     lambda_range: tuple[float, float] = (0.5, 2.0)
     flow_reference: str = "structure"
     kernel_size: int = 5
-    batch_size: int = 4
+    batch_size: int | None = None
     chunk_frames: int = 25
     device: str = "auto"
 

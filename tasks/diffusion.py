@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from prefect import task
 
 from freetalk_core import CROP_SIZE, diffusion as dm
@@ -24,7 +25,10 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
 
     device = resolve_device(job.device)
-    pipe = dm.load_pipeline(job.models_dir, device=device)
+    if device == "cuda":
+        pipe = dm.optimize_pipeline(dm.load_pipeline(job.models_dir, device=device, dtype=torch.float16))
+    else:
+        pipe = dm.load_pipeline(job.models_dir, device=device)
     noise = dm.initial_noise(job.seed, CROP_SIZE, CROP_SIZE)
     negative = store.read(item, "clip_embed", "negative_embedding").astype(np.float32)
     identity = store.read(item, "clip_embed", "identity_embedding").astype(np.float32)
@@ -38,13 +42,9 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
         if chunk in done:
             continue
         with recorded_chunk(store, item, STAGE, chunk, key, frames=stop - start):
-            crop_block, mask_block = id_crops[start:stop], masks[start:stop]
-            embed_block = adjusted[start:stop].astype(np.float32)
-            generated = []
-            for b in range(0, stop - start, job.batch_size):
-                sl = slice(b, b + job.batch_size)
-                generated.append(dm.generate_frames(
-                    pipe, crop_block[sl], mask_block[sl], embed_block[sl], negative, identity,
-                    noise, steps=job.steps, guidance=job.guidance, ip_scale=job.ip_adapter_scale))
-            out[start:stop] = np.concatenate(generated)
+            out[start:stop] = dm.generate_in_batches(
+                pipe, id_crops[start:stop], masks[start:stop],
+                adjusted[start:stop].astype(np.float32), negative, identity, noise,
+                batch_size=job.batch_size, steps=job.steps, guidance=job.guidance,
+                ip_scale=job.ip_adapter_scale)
     return StageRef(item_id=item, stage=STAGE, key=key, frames=n)

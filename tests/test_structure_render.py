@@ -50,7 +50,8 @@ def model(eos_dir):
 def clips(samples_dir, detector, model):
     """Aligned crops, crop landmarks and fits of the first frames of a few samples."""
     out = {}
-    for name in ["MimicTalk__May_5s.mp4", "EDTalk__mouth_source.mp4", "VideoRetalking__face_2.mp4"]:
+    for name in ["MimicTalk__May_5s.mp4", "EDTalk__mouth_source.mp4", "VideoRetalking__face_2.mp4",
+                 "SadTalker__RD_Radio2_000.mp4"]:
         frames = list(decode(samples_dir / name, N_FRAMES))
         landmarks, found = track_landmarks(iter(frames), detector)
         landmarks, _ = fill_and_smooth(landmarks, found)
@@ -96,7 +97,7 @@ def test_normalised_landmarks_remove_roll_and_scale(clips):
     "identity, lip_ref",
     [
         ("MimicTalk__May_5s.mp4", "EDTalk__mouth_source.mp4"),
-        ("VideoRetalking__face_2.mp4", "MimicTalk__May_5s.mp4"),
+        ("SadTalker__RD_Radio2_000.mp4", "VideoRetalking__face_2.mp4"),
     ],
 )
 def test_structure_frames_follow_the_lip_reference(clips, model, renderer, detector, identity, lip_ref):
@@ -118,5 +119,31 @@ def test_structure_frames_follow_the_lip_reference(clips, model, renderer, detec
     # reference's in time and in amplitude (relative to the inter-ocular distance).
     rendered = detected_lip_opening(detector, frames)
     reference = detected_lip_opening(detector, lip_crops)
-    assert np.corrcoef(rendered, reference)[0, 1] > 0.85
-    assert 0.7 < rendered.std() / reference.std() < 1.4
+    # Issue 3's targets: Pearson >= 0.9 on average (none < 0.8), std ratio in [0.75, 1.33].
+    # Measured on these 40 frames: Pearson 0.97 / 0.96, std ratio 0.95 / 0.94.
+    assert np.corrcoef(rendered, reference)[0, 1] > 0.9
+    assert 0.75 <= rendered.std() / reference.std() <= 1.33
+
+
+def test_a_lip_reference_that_stays_open_does_not_open_the_identitys_mouth(clips, model, renderer, detector):
+    # The motion is relative to the lip reference's own most closed frame: a mouth held open
+    # throughout is that person's rest, and the identity keeps its own closed mouth.
+    crops, landmarks, fit = clips["MimicTalk__May_5s.mp4"]
+    _, lip_landmarks, _ = clips["EDTalk__mouth_source.mp4"]
+    widest = int(np.argmax(lip_distance(normalised_landmarks(lip_landmarks))))
+    n = 8
+    held_open = np.repeat(lip_landmarks[widest][None], n, axis=0)
+    frames = render_structure_frames(model, crops[:n], landmarks[:n], _head(fit, n), held_open, None,
+                                     renderer=renderer)
+    rendered = detected_lip_opening(detector, frames)
+    identity_closed = lip_distance(normalised_landmarks(landmarks)).min()
+    reference_open = lip_distance(normalised_landmarks(lip_landmarks[widest][None]))[0]
+    assert reference_open > identity_closed + 0.15
+    # Measured: within 0.09 of the identity's closed mouth, with the reference 0.3 wider open.
+    assert rendered.max() < identity_closed + 0.4 * (reference_open - identity_closed), rendered
+
+
+def _head(fit, n):
+    from dataclasses import replace
+
+    return replace(fit, **{k: v[:n] for k, v in fit.__dict__.items() if isinstance(v, np.ndarray)})

@@ -173,3 +173,10 @@ def test_unreadable_files_raise_video_read_error(tmp_path):
     except VideoReadError as exc:
         message = str(exc)
     assert message is not None and "\n" not in message and "check" in message
+
+
+def test_write_video_output_has_ordinary_permissions(tmp_path):
+    reference = tmp_path / "reference"
+    reference.touch()
+    out = video.write_video(tmp_path / "out.mp4", _ramp_frames(3, 16, 16), fps=25)
+    assert out.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
