@@ -28,9 +28,14 @@ def side_by_side_frames(store: Store, item_id: str, size: int = PANEL_SIZE):
     import cv2
 
     arrays = [(name, store.array(item_id, stage, array)) for name, stage, array in PANELS]
+    masks = store.array(item_id, "face_crop", "mouth_masks")
     n = arrays[0][1].shape[0]
     for start in range(0, n, 25):
         blocks = [(name, a[start:start + 25]) for name, a in arrays]
+        # The output panel shows what the MP4 shows: the filtered crop inside the mouth mask only.
+        m = masks[start:start + 25][..., None]
+        blended = blocks[0][1] * (1 - m) + blocks[-1][1] * m
+        blocks[-1] = (blocks[-1][0], np.clip(blended + 0.5, 0, 255).astype(np.uint8))
         for i in range(blocks[0][1].shape[0]):
             yield np.concatenate([_label(cv2.resize(b[i], (size, size), interpolation=cv2.INTER_AREA), name)
                                   for name, b in blocks], axis=1)
