@@ -28,6 +28,8 @@ CUDA. Both use OpenGL's conventions, so they give the same image.
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 import cv2
 
@@ -61,7 +63,7 @@ PINNED = np.concatenate([np.arange(17, 36), np.arange(36, 48), [0, 1, 2, 14, 15,
 # ---------------------------------------------------------------------------------------------
 
 
-class Renderer:
+class Renderer(abc.ABC):
     """Rasterizes triangles and interpolates per-vertex attributes, with a depth test.
 
     Positions are image pixels (x right, y down, pixel centres at .5) plus a depth (larger is
@@ -69,9 +71,10 @@ class Renderer:
     (zeros where no triangle covers a pixel) and the coverage (size, size) bool.
     """
 
+    @abc.abstractmethod
     def rasterize(self, positions: np.ndarray, triangles: np.ndarray, attributes: np.ndarray,
                   size: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """`(image (size, size, C) float32, coverage (size, size) bool)`."""
 
 
 def _clip_positions(positions: np.ndarray, size: int) -> np.ndarray:
