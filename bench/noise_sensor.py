@@ -249,7 +249,7 @@ def main(argv=None):
     first = next(iter(clips.values()))
     speed = timing(*first, args.method)
 
-    print(f"\n## Flow method: endpoint error (px) on real mouth boxes with known shifts, std 1 px")
+    print("\n## Flow method: endpoint error (px) on real mouth boxes with known shifts, std 1 px")
     print("| method | mean EPE | median EPE | ms per flow (mouth box) |\n|---|---|---|---|")
     for method in FLOW_METHODS:
         e = np.mean([accuracy[c][method]["epe_mean"] for c in accuracy])

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from flows.runtime import configure_environment, resolve_store
+from flows.runtime import StageBars, configure_environment, raise_model_problems, resolve_store, run_pair
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tuning-free talking-face generation.")
@@ -27,66 +27,6 @@ def _models_dir(models: Optional[Path]) -> Path:
     from freetalk_core.models import resolve_models_dir
 
     return resolve_models_dir(models)
-
-
-class StageBars:
-    """Rich progress bars, one per stage, fed by `tasks.common.progress`."""
-
-    def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description:<18}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=__import__("rich.console").console.Console(stderr=True))
-        self.bars: dict[tuple[str, str], int] = {}
-
-    def __call__(self, item_id: str, stage: str, done: int, total: int) -> None:
-        key = (item_id, stage)
-        if key not in self.bars:
-            self.bars[key] = self.progress.add_task(stage, total=total)
-        self.progress.update(self.bars[key], completed=done, total=total)
-
-    def __enter__(self):
-        from tasks.common import progress
-
-        progress.subscribe(self)
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        from tasks.common import progress
-
-        self.progress.stop()
-        progress.unsubscribe(self)
-
-
-def run_pair(identity: Path, lip_ref: Path, out: Path, *, audio: Optional[Path], store: Path,
-             models: Path, show_progress: bool = True, **settings) -> tuple[str, Path]:
-    """Run the `generate` flow for one pair, copying the result to `out`.
-
-    Returns the item id and the output path."""
-    from flows.generate import generate_to, make_job
-    from flows.runtime import store_settings
-    from freetalk_core.models import describe_models
-
-    missing = [f"missing {e.path} ({e.what})" for e in describe_models(models) if not e.present]
-    if missing:
-        raise_model_problems(models, missing)
-    job = make_job(identity, lip_ref, audio=audio, store=store, models=models, **settings)
-    with store_settings(store):
-        if show_progress:
-            with StageBars():
-                return job.item_id, generate_to(job, out)
-        return job.item_id, generate_to(job, out)
-
-
-def raise_model_problems(models: Path, problems: list[str]) -> None:
-    from freetalk_core.errors import ModelFileError
-
-    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
-    raise ModelFileError(f"models in {models} are not usable: {problems[0]}{more}; "
-                         f"run `freetalk models check {models}`, then `freetalk models download` "
-                         f"(or `freetalk models tiny` for tests)")
 
 
 @app.command()

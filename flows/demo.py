@@ -13,7 +13,7 @@ def run_demo(out_dir: Path, *, identity: Path | None = None, lip_ref: Path | Non
     clips are given), the flow, then the output MP4 and previews. Returns what was written."""
     import os
 
-    from flows.cli import run_pair
+    from flows.runtime import run_pair
     from freetalk_core.demo import make_demo_clips
     from freetalk_core.models import check_models, write_tiny_models
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from freetalk_core import video
 from freetalk_core.errors import FreetalkError, VideoReadError
 from storage import Store, sha256_file
 from tasks.clip_embed import clip_embed

@@ -6,8 +6,16 @@ import numpy as np
 from prefect import task
 
 from freetalk_core import clip_embed as ce
-from tasks.common import (STAGE_CACHE, progress, ItemJob, StageRef, chunk_ranges, is_transient,
-                          recorded_chunk, resolve_device)
+from tasks.common import (
+    STAGE_CACHE,
+    ItemJob,
+    StageRef,
+    chunk_ranges,
+    is_transient,
+    progress,
+    recorded_chunk,
+    resolve_device,
+)
 
 STAGE = "clip_embed"
 

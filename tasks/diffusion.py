@@ -6,9 +6,18 @@ import numpy as np
 import torch
 from prefect import task
 
-from freetalk_core import CROP_SIZE, diffusion as dm
-from tasks.common import (STAGE_CACHE, progress, ItemJob, StageRef, chunk_ranges, is_transient,
-                          recorded_chunk, resolve_device)
+from freetalk_core import CROP_SIZE
+from freetalk_core import diffusion as dm
+from tasks.common import (
+    STAGE_CACHE,
+    ItemJob,
+    StageRef,
+    chunk_ranges,
+    is_transient,
+    progress,
+    recorded_chunk,
+    resolve_device,
+)
 
 STAGE = "diffusion"
 

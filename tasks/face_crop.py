@@ -7,7 +7,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from prefect import task
 
-from freetalk_core import CROP_SIZE, face_crop as fc, video
+from freetalk_core import CROP_SIZE, video
+from freetalk_core import face_crop as fc
 from storage import Store
 from tasks.common import STAGE_CACHE, ItemJob, StageRef, chunk_ranges, is_transient, recorded_chunk
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 
-from freetalk_core import CROP_SIZE, face_crop as fc, noise_sensor as ns, video
+from freetalk_core import CROP_SIZE, video
+from freetalk_core import face_crop as fc
+from freetalk_core import noise_sensor as ns
 from storage import Store, sha256_file
-from tasks.common import (STAGE_CACHE, progress, ItemJob, StageRef, chunk_ranges, is_transient,
-                          recorded_chunk)
+from tasks.common import STAGE_CACHE, ItemJob, StageRef, chunk_ranges, is_transient, progress, recorded_chunk
 
 STAGE = "noise_filter"
 

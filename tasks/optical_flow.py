@@ -7,8 +7,7 @@ from prefect import task
 
 from freetalk_core import flow
 from storage import Store
-from tasks.common import (STAGE_CACHE, progress, ItemJob, StageRef, chunk_ranges, is_transient,
-                          recorded_chunk)
+from tasks.common import STAGE_CACHE, ItemJob, StageRef, chunk_ranges, is_transient, progress, recorded_chunk
 
 STAGE = "optical_flow"
 BOX_MARGIN = 16

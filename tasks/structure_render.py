@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prefect import task
 
-from freetalk_core import fit_3dmm as fit, structure_render as sr
+from freetalk_core import fit_3dmm as fit
+from freetalk_core import structure_render as sr
 from tasks.common import STAGE_CACHE, ItemJob, StageRef, is_transient, recorded_chunk
 from tasks.fit_3dmm import load_fit
 
