@@ -7,7 +7,8 @@ product's own landmark detector (dlib) on the structure frames and on the lip-re
 - the ratio of their standard deviations, each normalised by the inter-ocular distance,
 - PSNR of the face above the nose tip against the identity crop,
 - CIE Lab distance between the mean colour of the rendered lips and of the identity's own
-  (closed-mouth) lips.
+  (closed-mouth) lips (`lip_colour_lab`: lip pixels less a 2 px border, on each image's own
+  detected landmarks).
 Prints ms/frame for fitting and rendering at 512 x 512 (and the bare rasterizer), and, where a
 CUDA device and nvdiffrast are present, nvdiffrast's ms/frame and its mean absolute difference
 to the CPU renderer's image.
@@ -31,8 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from freetalk_core import face_crop  # noqa: E402
 from freetalk_core.fit_3dmm import fit_frame_vertices, fit_landmarks, load_face_model  # noqa: E402
-from freetalk_core.structure_render import (ModernGLRenderer, lip_distance,  # noqa: E402
-                                            normalised_landmarks, render_structure_frames)
+from freetalk_core.structure_render import (  # noqa: E402
+    ModernGLRenderer,
+    lip_colour_lab,
+    lip_distance,
+    normalised_landmarks,
+    render_structure_frames,
+)
 from freetalk_core.video import read_video  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -70,15 +76,6 @@ def upper_face_psnr(image, reference, landmarks) -> float:
     mask[int(landmarks[30, 1]):] = 0
     mse = ((image.astype(np.float64) - reference.astype(np.float64)) ** 2)[mask > 0].mean()
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
-def lips_lab(image, landmarks) -> np.ndarray:
-    """(3,) mean CIE Lab (L in 0-100) of the lips: outer-lip polygon minus the inner one."""
-    mask = np.zeros(image.shape[:2], np.uint8)
-    cv2.fillPoly(mask, [np.round(landmarks[48:60]).astype(np.int32)], 1)
-    cv2.fillPoly(mask, [np.round(landmarks[60:68]).astype(np.int32)], 0)
-    lab = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    return lab[mask > 0].mean(axis=0)
 
 
 def main() -> None:
@@ -124,8 +121,8 @@ def main() -> None:
         ratio = float(a[ok].std() / b[ok].std())
         psnr = float(np.mean([upper_face_psnr(f, c, l) for f, c, l in zip(frames, crops, landmarks)]))
         closed = np.argsort(lip_distance(normalised_landmarks(landmarks[:n])))[:8]
-        identity_lips = np.mean([lips_lab(crops[i], landmarks[i]) for i in closed], axis=0)
-        rendered_lips = np.mean([lips_lab(f, l) for f, l in zip(frames, rendered) if np.isfinite(l).all()], axis=0)
+        identity_lips = np.mean([lip_colour_lab(crops[i], landmarks[i]) for i in closed], axis=0)
+        rendered_lips = np.mean([lip_colour_lab(f, l) for f, l in zip(frames, rendered) if np.isfinite(l).all()], axis=0)
         dlab = float(np.linalg.norm(identity_lips - rendered_lips))
         rows.append(dict(identity=identity, lip_ref=lip_ref, frames=n, undetected=int((~ok).sum()),
                          pearson=pearson, std_ratio=ratio, upper_psnr_db=psnr, lips_dlab=dlab))

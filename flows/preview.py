@@ -41,8 +41,30 @@ def side_by_side_frames(store: Store, item_id: str, size: int = PANEL_SIZE):
                                   for name, b in blocks], axis=1)
 
 
+def lip_opening_curves(store: Store, item_id: str) -> dict[str, np.ndarray]:
+    """Lip opening per frame (outer-lip distance over inter-ocular distance) of the lip-reference
+    crops and of the structure frames, both measured with the landmark detector on the images:
+    `{"lip reference": (T,), "structure": (T,)}` float32, NaN where it finds no face."""
+    from freetalk_core.face_crop import LandmarkDetector
+    from freetalk_core.structure_render import lip_distance, normalised_landmarks
+
+    detector = LandmarkDetector()
+    curves = {}
+    for name, stage, array in PANELS[1:3]:
+        images = store.array(item_id, stage, array)
+        landmarks = np.full((images.shape[0], 68, 2), np.nan, np.float32)
+        for t in range(images.shape[0]):
+            found = detector.detect(images[t])
+            if found is not None:
+                landmarks[t] = found
+        curves[name] = lip_distance(normalised_landmarks(landmarks))
+    return curves
+
+
 def lip_distance_plot(store: Store, item_id: str, path: Path) -> Path:
-    """Lip opening of the lip reference (h_t) with the anchor frame and lambda_t."""
+    """Three panels over the frames: the lip opening of the lip reference and of the structure
+    frames as the landmark detector sees them (with their Pearson correlation); h_t with the
+    anchor frame; lambda_t."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,7 +73,16 @@ def lip_distance_plot(store: Store, item_id: str, path: Path) -> Path:
     h = store.read(item_id, "controller", "lip_distance")
     lam = store.read(item_id, "controller", "lambdas")
     anchor = int(store.read(item_id, "controller", "anchor_index"))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 4.5), sharex=True)
+    curves = lip_opening_curves(store, item_id)
+    fig, (ax0, ax1, ax2) = plt.subplots(3, 1, figsize=(8, 6.5), sharex=True)
+    a, b = curves["lip reference"], curves["structure"]
+    both = np.isfinite(a) & np.isfinite(b)
+    pearson = float(np.corrcoef(a[both], b[both])[0, 1]) if both.sum() > 2 and a[both].std() > 0 and b[both].std() > 0 else float("nan")
+    for name, curve in curves.items():
+        ax0.plot(curve, label=f"{name} (detected)")
+    ax0.set_ylabel("opening / inter-ocular")
+    ax0.set_title(f"lip transfer: Pearson {pearson:.3f}", fontsize=9)
+    ax0.legend(loc="upper right", fontsize=8)
     ax1.plot(h, label="lip reference h_t (crop px)")
     ax1.axvline(anchor, color="k", ls="--", lw=1, label=f"anchor a = {anchor}")
     ax1.legend(loc="upper right", fontsize=8)

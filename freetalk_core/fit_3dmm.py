@@ -10,7 +10,7 @@ them to crop pixels with `project_vertices`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -179,10 +179,13 @@ def fit_landmarks(
     landmarks: np.ndarray,
     size: int = CROP_SIZE,
     num_iterations: int = 5,
+    smooth_window: int = 5,
 ) -> FitResult:
     """Fit shape, expression and pose to every frame's landmarks with eos (contours included).
 
     landmarks: (T, 68, 2) float32 crop px (iBUG-68, 0-based order) in a size x size crop.
+    smooth_window: pose and expression are then smoothed over time with `smooth_fit` (this
+    many frames, centred; 1 or less: per-frame fits as eos gives them).
     Returns a FitResult of T frames.
     """
     import eos
@@ -226,7 +229,7 @@ def fit_landmarks(
         out["mv"].append(modelview)
         out["proj"].append(projection)
         out["err"].append(error)
-    return FitResult(
+    fit = FitResult(
         shape_coeffs=np.array(out["shape"], np.float32).reshape(-1, model.n_shape),
         expression_coeffs=np.array(out["expr"], np.float32).reshape(-1, model.n_expression),
         rotation=np.array(out["rot"], np.float32).reshape(-1, 3, 3),
@@ -236,6 +239,65 @@ def fit_landmarks(
         projection=np.array(out["proj"], np.float32).reshape(-1, 4, 4),
         fit_error=np.array(out["err"], np.float32),
         size=size,
+    )
+    if smooth_window > 1 and len(fit) >= 3:
+        fit = smooth_fit(fit, smooth_window)
+        fit.fit_error = _fit_errors(model, fit, landmarks)
+    return fit
+
+
+def _fit_errors(model: FaceModel, fit: FitResult, landmarks: np.ndarray) -> np.ndarray:
+    """(T,) float32 mean px distance between the landmarks and their fitted, projected vertices."""
+    mapped = model.landmark_vertex >= 0
+    errors = []
+    for t in range(len(fit)):
+        vertices = model.vertices(fit.shape_coeffs[t], fit.expression_coeffs[t])[model.landmark_vertex[mapped]]
+        projected = project_vertices(vertices, fit.modelview[t], fit.projection[t], fit.size)
+        errors.append(np.linalg.norm(projected[:, :2] - landmarks[t][mapped], axis=1).mean())
+    return np.array(errors, np.float32)
+
+
+def smooth_fit(fit: FitResult, window: int = 5) -> FitResult:
+    """The fit with pose and expression smoothed over time, without lag.
+
+    A centred Savitzky-Golay filter (quadratic, `window` frames, odd, at most the clip's
+    length) runs over the expression coefficients, the camera's translation and projection and
+    the rotation matrices' entries; each smoothed rotation is then made a rotation again (its
+    nearest one, by SVD). Linear and quadratic motion passes unchanged, frame-to-frame
+    jitter of the per-frame fits is averaged out. Shape coefficients stay per frame
+    (`identity_shape` takes their robust average). Returns a new FitResult.
+    """
+    from scipy.signal import savgol_filter
+
+    n = len(fit)
+    window = min(window if window % 2 else window + 1, n if n % 2 else n - 1)
+    if window < 3:
+        return replace(fit)
+
+    def smooth(values: np.ndarray) -> np.ndarray:
+        return savgol_filter(values.astype(np.float64), window, 2, axis=0, mode="interp")
+
+    rotation = smooth(fit.modelview[:, :3, :3])
+    u, _, vt = np.linalg.svd(rotation)
+    fix = np.ones((n, 3))
+    fix[:, 2] = np.sign(np.linalg.det(u @ vt))
+    rotation = (u * fix[:, None, :]) @ vt
+    modelview = fit.modelview.astype(np.float64).copy()
+    modelview[:, :3, :3] = rotation
+    modelview[:, :3, 3] = smooth(fit.modelview[:, :3, 3])
+    projection = smooth(fit.projection)
+    origin = np.stack([project_vertices(np.zeros((1, 3), np.float32), mv, pr, fit.size)[0, :2]
+                       for mv, pr in zip(modelview, projection)])
+    unit_x = np.stack([project_vertices(np.eye(3, dtype=np.float32)[:1], mv, pr, fit.size)[0, :2]
+                       for mv, pr in zip(modelview, projection)])
+    return replace(
+        fit,
+        expression_coeffs=smooth(fit.expression_coeffs).astype(np.float32),
+        rotation=rotation.astype(np.float32),
+        scale=np.linalg.norm(unit_x - origin, axis=1).astype(np.float32),
+        translation=origin.astype(np.float32),
+        modelview=modelview.astype(np.float32),
+        projection=projection.astype(np.float32),
     )
 
 

@@ -16,6 +16,7 @@ from freetalk_core.fit_3dmm import (
     fit_landmarks,
     identity_shape,
     load_face_model,
+    smooth_fit,
 )
 
 
@@ -98,3 +99,69 @@ def test_identity_shape_ignores_a_bad_frame(may):
     # One estimate for the clip: nearer every frame's fit than the frames are to each other.
     spread = np.abs(fit.shape_coeffs - fit.shape_coeffs.mean(0)).mean()
     assert np.abs(shape - np.median(fit.shape_coeffs, 0)).mean() <= spread
+
+
+def _rotation(yaw, pitch, roll):
+    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
+    return rz @ rx @ ry
+
+
+def _synthetic_fit(yaw, expression, offset_x):
+    """A FitResult whose camera turns by `yaw` (T,) radians and moves by `offset_x` (T,)."""
+    n = len(yaw)
+    modelview = np.tile(np.eye(4, dtype=np.float32), (n, 1, 1))
+    modelview[:, :3, :3] = [_rotation(a, 0.1, -0.05) for a in yaw]
+    modelview[:, 0, 3] = offset_x
+    projection = np.tile(np.diag([1 / 120, 1 / 120, -1 / 200, 1]).astype(np.float32), (n, 1, 1))
+    return FitResult(
+        shape_coeffs=np.zeros((n, 63), np.float32), expression_coeffs=expression.astype(np.float32),
+        rotation=modelview[:, :3, :3].copy(), scale=np.ones(n, np.float32),
+        translation=np.zeros((n, 2), np.float32), modelview=modelview, projection=projection,
+        fit_error=np.ones(n, np.float32))
+
+
+def test_smooth_fit_keeps_steady_motion_and_removes_jitter():
+    rng = np.random.default_rng(0)
+    t = np.arange(60, dtype=np.float64)
+    yaw = 0.3 * np.sin(t / 12)  # a head turning to and fro
+    expression = np.stack([0.5 * np.sin(t / 6 + k) for k in range(6)], axis=1)
+    offset = 10 + 0.2 * t
+    clean = _synthetic_fit(0.004 * t, 0.01 * t[:, None] * np.ones(6), offset)
+    # Linear motion passes through unchanged: no lag.
+    smoothed = smooth_fit(clean, 5)
+    np.testing.assert_allclose(smoothed.modelview, clean.modelview, atol=2e-5)
+    np.testing.assert_allclose(smoothed.expression_coeffs, clean.expression_coeffs, atol=1e-5)
+
+    truth = _synthetic_fit(yaw, expression, offset)
+    noisy = _synthetic_fit(yaw + rng.normal(0, 0.02, len(t)), expression + rng.normal(0, 0.1, expression.shape),
+                           offset + rng.normal(0, 0.5, len(t)))
+    smoothed = smooth_fit(noisy, 5)
+    # Still rotations.
+    np.testing.assert_allclose(smoothed.rotation @ smoothed.rotation.transpose(0, 2, 1),
+                               np.tile(np.eye(3), (len(t), 1, 1)), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.det(smoothed.rotation), 1.0, atol=1e-5)
+    for name in ("rotation", "expression_coeffs"):
+        before = np.abs(getattr(noisy, name) - getattr(truth, name)).mean()
+        after = np.abs(getattr(smoothed, name) - getattr(truth, name)).mean()
+        assert after < 0.85 * before, (name, before, after)
+    before = np.abs(noisy.modelview[:, 0, 3] - offset).mean()
+    assert np.abs(smoothed.modelview[:, 0, 3] - offset).mean() < 0.85 * before
+    # Peaks keep their timing: the smoothed yaw peaks where the true one does.
+    smoothed_yaw = np.arctan2(smoothed.rotation[:, 0, 2], smoothed.rotation[:, 2, 2])
+    true_yaw = np.arctan2(truth.rotation[:, 0, 2], truth.rotation[:, 2, 2])
+    assert abs(int(np.argmax(smoothed_yaw)) - int(np.argmax(true_yaw))) <= 1
+
+
+def test_fit_landmarks_smooths_pose_by_default(may, model):
+    landmarks, fit = may
+    raw = fit_landmarks(model, landmarks, smooth_window=1)
+    assert fit.fit_error.shape == raw.fit_error.shape
+    # The smoothed pose still lands on the landmarks within a few pixels of the raw fits.
+    assert fit.fit_error.mean() < raw.fit_error.mean() + 1.0
+    # and it moves less from frame to frame.
+    def jerk(f):
+        return np.abs(np.diff(f.modelview[:, :3, :3], n=2, axis=0)).mean()
+    assert jerk(fit) <= jerk(raw)

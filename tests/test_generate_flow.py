@@ -171,3 +171,23 @@ def test_dataset_records_each_failure_and_finishes_the_rest(tmp_path, tiny_model
     # the failed stage row says why, too
     failed_rows = [r for r in store.stage_rows("no-face") if r["status"] == "failed"]
     assert failed_rows and failed_rows[0]["stage"] == "face_crop"
+
+
+def test_previews_show_the_panels_and_the_lip_curves(first_run, tmp_path):
+    from flows.preview import PANEL_SIZE, lip_opening_curves, write_previews
+
+    job, _, _ = first_run
+    png, mp4, plot = write_previews(Path(job.store), job.item_id, tmp_path, stem="p")
+    image = __import__("cv2").imread(str(png))
+    assert image.shape[1] == 4 * PANEL_SIZE and image.shape[0] % PANEL_SIZE == 0
+    with av.open(str(mp4)) as container:
+        assert container.streams.video[0].frames == 25
+    assert plot.stat().st_size > 10_000
+    curves = lip_opening_curves(Store(job.store), job.item_id)
+    assert set(curves) == {"lip reference", "structure"}
+    for curve in curves.values():
+        assert curve.shape == (25,) and np.isfinite(curve).mean() > 0.9
+    # The structure frames open and close their mouth with the lip reference.
+    a, b = curves["lip reference"], curves["structure"]
+    ok = np.isfinite(a) & np.isfinite(b)
+    assert np.corrcoef(a[ok], b[ok])[0, 1] > 0.8
