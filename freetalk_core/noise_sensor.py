@@ -8,10 +8,17 @@ the reference flow does not explain linearly is noise (Theorem 1):
 The noise pattern N(p) is the norm of the (x, y) pair of noise variances. Each pixel is then
 smoothed over time with a Gaussian whose standard deviation (in frames) is N(p), inside the
 mouth mask only; where N(p) is ~0 the pixel is left exactly as it was.
+
+Where the pixel is, in the neighbouring frames, is a choice: in place (the plain filter,
+`motion=None`), or along its genuine motion (`motion=ideal_flow(g, r)`: the part of the
+generated flow the reference explains, Theorem 1's linear estimate). Along the motion, the
+Gaussian averages the same point of the lips in each frame, so a moving mouth is not blurred
+and what is averaged away is the jitter and flicker only; the pipeline filters this way.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 DEFAULT_KERNEL_SIZE = 5
@@ -94,6 +101,41 @@ def noise_variance(generated_flow: np.ndarray, reference_flow: np.ndarray) -> np
     var_r /= n
     cov /= n
     out[box[0]:box[1], box[2]:box[3]] = _noise_variance_from_moments(var_g, var_r, cov)
+    return out
+
+
+def ideal_flow(generated_flow: np.ndarray, reference_flow: np.ndarray) -> np.ndarray:
+    """Theorem 1's optimal linear estimate of the noise-free generated flow from the reference.
+
+    Per pixel and component, `a * r + b` with `a = cov(g, r) / var(r)` and
+    `b = mean(g) - a * mean(r)`: the genuine motion of the generated frames, as far as the
+    reference explains it (its residual is the noise `noise_variance` measures). Where the
+    reference does not move (var(r) ~0) it is the generated flow's mean.
+
+    Args:
+        generated_flow: `(T-1, H, W, 2)` float32, flow of the generated frames.
+        reference_flow: `(T-1, H, W, 2)` float32, flow of the reference motion.
+
+    Returns:
+        `(T-1, H, W, 2)` float32 flow, zero wherever both flows are zero throughout.
+    """
+    g, r = _check_flows(generated_flow, reference_flow)
+    out = np.zeros(g.shape, dtype=np.float32)
+    box = _moving_box(g, r)
+    if box is None:
+        return out
+    g, r = g[:, box[0]:box[1], box[2]:box[3]], r[:, box[0]:box[1], box[2]:box[3]]
+    mean_g = g.mean(axis=0, dtype=np.float64)
+    mean_r = r.mean(axis=0, dtype=np.float64)
+    var_r = np.zeros_like(mean_r)
+    cov = np.zeros_like(mean_g)
+    for t in range(g.shape[0]):
+        dr = r[t] - mean_r
+        var_r += dr * dr
+        cov += (g[t] - mean_g) * dr
+    moving = var_r > VAR_EPS * g.shape[0]
+    slope = np.where(moving, cov / np.where(moving, var_r, 1.0), 0.0)
+    out[:, box[0]:box[1], box[2]:box[3]] = slope * (r - mean_r) + mean_g
     return out
 
 
@@ -233,10 +275,39 @@ def _per_frame(name: str, values, n: int, hw: tuple[int, int]) -> np.ndarray | N
     raise ValueError(f"{name} must be {hw} or {(n,) + hw}, got {values.shape}")
 
 
+def _trajectory_frames(context: np.ndarray, motion: np.ndarray, t: int, offsets, lo: int,
+                       n_frames: int) -> list[np.ndarray]:
+    """For each offset k, frame `t + k` (clip index, clamped to the clip) resampled where frame
+    t's pixels have moved to: positions chained along `motion` (flow from each frame to the
+    next; backwards by its negation). `(h, w, 3)` float32 each; context and motion are the
+    box's frames and flows starting at clip frame `lo`."""
+    h, w = context.shape[1:3]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = {}
+    for direction in (1, -1):
+        px, py = xs.copy(), ys.copy()
+        frame = t
+        steps = sorted((k for k in offsets if k * direction > 0), key=abs)
+        for k in steps:
+            while frame != min(max(t + k, 0), n_frames - 1):
+                # the flow between `frame` and its neighbour in this direction
+                index = (frame if direction > 0 else frame - 1) - lo
+                flow = motion[index]
+                dx = cv2.remap(flow[..., 0], px, py, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                dy = cv2.remap(flow[..., 1], px, py, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                px, py = px + direction * dx, py + direction * dy
+                frame += direction
+            out[k] = cv2.remap(context[frame - lo], px, py, cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+    out[0] = context[t - lo].astype(np.float32)
+    return [out[k] for k in offsets]
+
+
 def temporal_filter_chunk(context_frames: np.ndarray, noise_pattern: np.ndarray,
                           start: int, stop: int, n_frames: int,
                           kernel_size: int = DEFAULT_KERNEL_SIZE,
-                          mask: np.ndarray | None = None) -> np.ndarray:
+                          mask: np.ndarray | None = None,
+                          motion: np.ndarray | None = None) -> np.ndarray:
     """Adaptive temporal Gaussian filter for output frames `[start, stop)` of a longer clip.
 
     Filtering a clip chunk by chunk with this function gives exactly the frames
@@ -253,6 +324,9 @@ def temporal_filter_chunk(context_frames: np.ndarray, noise_pattern: np.ndarray,
         mask: None (filter everywhere), `(H, W)` or `(stop - start, H, W)` float in [0, 1]:
             the filtered frame is blended in by this weight; where it is 0 the output is
             exactly the input.
+        motion: None, or `(hi - lo - 1, H, W, 2)` float32 flow between consecutive context
+            frames (e.g. `ideal_flow`): each pixel is then smoothed along its motion
+            trajectory instead of at a fixed position.
 
     Returns:
         `(stop - start, H, W, 3)` uint8 filtered frames.
@@ -266,6 +340,11 @@ def temporal_filter_chunk(context_frames: np.ndarray, noise_pattern: np.ndarray,
         raise ValueError(f"frames for output [{start}, {stop}) must be the clip's frames "
                          f"[{lo}, {hi}) ({hi - lo} frames), got {context_frames.shape[0]}")
     hw = context_frames.shape[1:3]
+    if motion is not None:
+        motion = np.asarray(motion, dtype=np.float32)
+        if motion.shape != (hi - lo - 1,) + hw + (2,):
+            raise ValueError(f"motion for context frames [{lo}, {hi}) must be "
+                             f"{(hi - lo - 1,) + hw + (2,)}, got {motion.shape}")
     n_out = stop - start
     sigma = _per_frame("noise_pattern", noise_pattern, n_out, hw)
     blend = _per_frame("mask", mask, n_out, hw)
@@ -291,9 +370,17 @@ def temporal_filter_chunk(context_frames: np.ndarray, noise_pattern: np.ndarray,
         s = sigma[0 if sigma.shape[0] == 1 else slice(b0 - start, b1 - start), y0:y1, x0:x1]
         weights = gaussian_weights(s, kernel_size)  # (k, [b], h, w)
         acc = np.zeros((b1 - b0, y1 - y0, x1 - x0, 3), dtype=np.float32)
-        for k, offset in enumerate(offsets):
-            source = np.clip(t + offset, 0, n_frames - 1) - lo
-            acc += weights[k][..., None] * context_frames[source, y0:y1, x0:x1]
+        if motion is None:
+            for k, offset in enumerate(offsets):
+                source = np.clip(t + offset, 0, n_frames - 1) - lo
+                acc += weights[k][..., None] * context_frames[source, y0:y1, x0:x1]
+        else:
+            box_frames, box_motion = context_frames[:, y0:y1, x0:x1], motion[:, y0:y1, x0:x1]
+            for i, frame in enumerate(t):
+                moved = _trajectory_frames(box_frames, box_motion, int(frame), list(offsets), lo, n_frames)
+                w = weights[:, i] if weights.ndim == 4 else weights
+                for k in range(len(moved)):
+                    acc[i] += w[k][..., None] * moved[k]
         original = context_frames[b0 - lo:b1 - lo, y0:y1, x0:x1]
         if blend is not None:
             m = blend[0 if blend.shape[0] == 1 else slice(b0 - start, b1 - start), y0:y1, x0:x1]
@@ -309,7 +396,8 @@ def temporal_filter_chunk(context_frames: np.ndarray, noise_pattern: np.ndarray,
 
 def temporal_filter(frames: np.ndarray, noise_pattern: np.ndarray,
                     kernel_size: int = DEFAULT_KERNEL_SIZE,
-                    mask: np.ndarray | None = None) -> np.ndarray:
+                    mask: np.ndarray | None = None,
+                    motion: np.ndarray | None = None) -> np.ndarray:
     """Adaptive temporal Gaussian filter: each pixel smoothed over time with sigma = N(p).
 
     Args:
@@ -320,6 +408,8 @@ def temporal_filter(frames: np.ndarray, noise_pattern: np.ndarray,
             the time axis is padded by repeating the first and last frames (never wrapped).
         mask: None, or `(H, W)` / `(T, H, W)` float in [0, 1] (the feathered mouth mask):
             output = input + mask * (filtered - input); exactly the input where mask is 0.
+        motion: None (each pixel smoothed in place), or `(T-1, H, W, 2)` float32 flow from
+            each frame to the next (e.g. `ideal_flow`): each pixel smoothed along its motion.
 
     Returns:
         `(T, H, W, 3)` uint8.
@@ -328,7 +418,7 @@ def temporal_filter(frames: np.ndarray, noise_pattern: np.ndarray,
     if frames.ndim != 4:
         raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape}")
     n = frames.shape[0]
-    return temporal_filter_chunk(frames, noise_pattern, 0, n, n, kernel_size, mask)
+    return temporal_filter_chunk(frames, noise_pattern, 0, n, n, kernel_size, mask, motion)
 
 
 def mean_noise_pattern(noise_pattern: np.ndarray, mask: np.ndarray | None = None) -> float:

@@ -16,7 +16,7 @@ from freetalk_core import DEFAULT_FPS
 from freetalk_core.errors import FreetalkError
 from storage import Store
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 """Bumped when a stage's results change for the same inputs and parameters."""
 
 STAGE_CACHE = TASK_SOURCE + (INPUTS - "job")
@@ -47,6 +47,7 @@ class ItemJob(BaseModel):
     lambda_range: tuple[float, float] = (0.5, 2.0)
     flow_reference: str = "structure"
     kernel_size: int = 5
+    filter_along_motion: bool = True
     batch_size: int | None = None
     chunk_frames: int = 25
     device: str = "auto"

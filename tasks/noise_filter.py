@@ -17,9 +17,11 @@ from tasks.common import STAGE_CACHE, ItemJob, StageRef, chunk_ranges, is_transi
 STAGE = "noise_filter"
 
 
-def _filter_chunks(store: Store, job: ItemJob, key: str, pattern: np.ndarray, box) -> None:
+def _filter_chunks(store: Store, job: ItemJob, key: str, pattern: np.ndarray, box,
+                   motion: np.ndarray | None) -> None:
     """Filter `diffusion/frames` inside the mouth box chunk by chunk. Each chunk reads
-    `kernel_size // 2` neighbouring frames on both sides, so it equals filtering the whole clip."""
+    `kernel_size // 2` neighbouring frames on both sides (and the flows between them, when
+    `motion` `(T-1, box h, box w, 2)` is given), so it equals filtering the whole clip."""
     item = job.item_id
     x0, y0, x1, y1 = box
     generated = store.array(item, "diffusion", "frames")
@@ -38,7 +40,8 @@ def _filter_chunks(store: Store, job: ItemJob, key: str, pattern: np.ndarray, bo
             frames = generated[start:stop]
             region = generated[lo:hi, y0:y1, x0:x1]
             filtered = ns.temporal_filter(region, pattern[y0:y1, x0:x1], job.kernel_size,
-                                          mask=masks[lo:hi, y0:y1, x0:x1])
+                                          mask=masks[lo:hi, y0:y1, x0:x1],
+                                          motion=None if motion is None else motion[lo:hi - 1])
             frames[:, y0:y1, x0:x1] = filtered[start - lo:stop - lo]
             out[start:stop] = frames
 
@@ -71,11 +74,17 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
         box = tuple(store.attrs(item, "optical_flow")["box"])
         x0, y0, x1, y1 = box
         pattern = np.zeros((CROP_SIZE, CROP_SIZE), np.float32)
+        motion = None
         if n > 2:
-            pattern[y0:y1, x0:x1] = ns.noise_pattern(
-                store.read(item, "optical_flow", "generated_flow"),
-                store.read(item, "optical_flow", "reference_flow"))
-        _filter_chunks(store, job, key, pattern, box)
+            generated_flow = store.read(item, "optical_flow", "generated_flow")
+            reference_flow = store.read(item, "optical_flow", "reference_flow")
+            pattern[y0:y1, x0:x1] = ns.noise_pattern(generated_flow, reference_flow)
+            if job.filter_along_motion:
+                # Each pixel is smoothed along its genuine motion: the part of the generated
+                # flow the reference explains (Theorem 1's linear estimate).
+                motion = ns.ideal_flow(generated_flow, reference_flow)
+            del generated_flow, reference_flow
+        _filter_chunks(store, job, key, pattern, box, motion)
         with recorded_chunk(store, item, STAGE, -1, key, frames=n):
             store.write_array(item, STAGE, "noise_pattern", pattern)
             mnp = ns.mean_noise_pattern(pattern, _mean_mask(store.array(item, "face_crop", "mouth_masks")))

@@ -2,9 +2,17 @@ import numpy as np
 import pytest
 
 from freetalk_core import noise_sensor
-from freetalk_core.noise_sensor import (chunk_context, mean_noise_pattern, noise_pattern,
-                                        noise_pattern_heatmap, noise_pattern_sequence,
-                                        noise_variance, temporal_filter, temporal_filter_chunk)
+from freetalk_core.noise_sensor import (
+    chunk_context,
+    ideal_flow,
+    mean_noise_pattern,
+    noise_pattern,
+    noise_pattern_heatmap,
+    noise_pattern_sequence,
+    noise_variance,
+    temporal_filter,
+    temporal_filter_chunk,
+)
 
 
 def _synthetic_flows(n=10_000, a=(1.7, -0.6), b=(3.0, -2.0), noise_std=(0.8, 1.3), seed=0):
@@ -197,6 +205,19 @@ def test_chunked_filtering_equals_whole_clip_exactly(kernel_size, per_frame):
         pieces.append(temporal_filter_chunk(frames[lo:hi], s, start, stop, n, kernel_size, m))
     np.testing.assert_array_equal(np.concatenate(pieces), whole)
 
+    # along the motion: a chunk reads its context frames' flows too
+    motion = rng.normal(0.0, 1.5, size=(n - 1,) + frames.shape[1:3] + (2,)).astype(np.float32)
+    whole = temporal_filter(frames, sigma, kernel_size, mask, motion=motion)
+    pieces = []
+    for start in range(0, n, 5):
+        stop = min(n, start + 5)
+        lo, hi = chunk_context(start, stop, n, kernel_size)
+        s = sigma[start:stop] if per_frame else sigma
+        m = mask[start:stop] if per_frame else mask
+        pieces.append(temporal_filter_chunk(frames[lo:hi], s, start, stop, n, kernel_size, m,
+                                            motion=motion[lo:hi - 1]))
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)
+
 
 def test_chunk_context_default_kernel_needs_two_frames_of_overlap():
     assert chunk_context(10, 20, 100) == (8, 22)
@@ -259,3 +280,87 @@ def test_cpbd_step_edge_widths():
     assert ramp_widths[10:-10].max() >= 9  # the 10-pixel ramp is a wide (blurred) edge
     assert cpbd(image.astype(np.uint8)) == 1.0
     assert cpbd(ramp.astype(np.uint8)) == 0.0
+
+
+def _textured_clip(shifts, blur=0.0, gamma=1.0, size=96, seed=11):
+    """`(T, size, size, 3) uint8`: one smooth random texture translated by `shifts` (px)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(size // 4, size // 4, 3)).astype(np.float32)
+    base = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+    frames = []
+    for dx, dy in shifts:
+        m = np.float32([[1, 0, dx], [0, 1, dy]])
+        f = cv2.warpAffine(base, m, (size, size), flags=cv2.INTER_CUBIC,
+                           borderMode=cv2.BORDER_REFLECT)
+        if blur:
+            f = cv2.GaussianBlur(f, (0, 0), blur)
+        f = 255.0 * (np.clip(f, 0, 255) / 255.0) ** gamma
+        frames.append(np.clip(np.rint(f), 0, 255).astype(np.uint8))
+    return np.stack(frames)
+
+
+def test_noise_pattern_of_real_flow_reads_known_jitter_and_ignores_appearance():
+    from freetalk_core.flow import optical_flow
+
+    rng = np.random.default_rng(2)
+    t = np.arange(40)
+    motion = np.stack([2.0 * np.sin(t / 4.0), 1.5 * np.cos(t / 6.0)], axis=1)  # genuine motion
+    jitter = rng.normal(0.0, 0.5, size=motion.shape)
+    reference = optical_flow(_textured_clip(motion, blur=1.2, gamma=0.8))  # structure-like
+    clean = optical_flow(_textured_clip(motion))
+    noisy = optical_flow(_textured_clip(motion + jitter))
+    centre = (slice(24, -24), slice(24, -24))
+    # the jitter's own flow is the difference of consecutive shifts; N is the norm of its
+    # per-component variances (2 sqrt(2) j^2 = 0.71 in expectation, this draw's value here)
+    truth = np.linalg.norm(np.diff(jitter, axis=0).var(axis=0))
+    assert 0.5 < truth < 1.0
+    sensed = np.median(noise_pattern(noisy, reference)[centre])
+    assert sensed == pytest.approx(truth, rel=0.4)
+    # the same motion seen through another appearance is (almost) no noise
+    assert np.median(noise_pattern(clean, reference)[centre]) < 0.1 * truth
+
+
+def test_ideal_flow_is_the_linear_estimate_from_the_reference():
+    g, r, noise = _synthetic_flows(n=5000)
+    ideal = ideal_flow(g, r)
+    np.testing.assert_allclose(ideal, g - noise, atol=0.1)  # a*r + b with a, b estimated
+    assert ideal.shape == g.shape and ideal.dtype == np.float32
+    # where the reference does not move, the generated flow's mean
+    still = ideal_flow(g, np.zeros_like(r))
+    np.testing.assert_allclose(still, np.broadcast_to(g.mean(axis=0), g.shape), atol=1e-5)
+
+
+def test_filter_along_zero_motion_equals_filter_in_place():
+    frames = _random_clip(t=9)
+    sigma = np.random.default_rng(3).uniform(0.0, 2.0, size=frames.shape[1:3]).astype(np.float32)
+    zero = np.zeros(frames.shape[:3] + (2,), np.float32)[1:]
+    np.testing.assert_array_equal(temporal_filter(frames, sigma, motion=zero), temporal_filter(frames, sigma))
+    with pytest.raises(ValueError, match="motion"):
+        temporal_filter(frames, sigma, motion=zero[1:])
+
+
+def test_filtering_along_the_motion_removes_jitter_without_blurring_the_motion():
+    from freetalk_core.flow import optical_flow
+
+    rng = np.random.default_rng(5)
+    t = np.arange(30)
+    motion = np.stack([4.0 * np.sin(t / 3.0), 2.7 * np.cos(t / 4.0)], axis=1)  # fast genuine motion
+    clean = _textured_clip(motion)
+    noisy = _textured_clip(motion + rng.normal(0.0, 0.6, size=motion.shape))
+    g, r = optical_flow(noisy), optical_flow(_textured_clip(motion, blur=1.2, gamma=0.8))
+    pattern = noise_pattern(g, r)
+    centre = (slice(None), slice(20, -20), slice(20, -20))
+
+    def psnr(a):
+        diff = a[centre].astype(np.float64) - clean[centre].astype(np.float64)
+        return 10 * np.log10(255.0 ** 2 / (diff * diff).mean())
+
+    in_place = psnr(temporal_filter(noisy, pattern))
+    along = psnr(temporal_filter(noisy, pattern, motion=ideal_flow(g, r)))
+    # In place, the filter averages pixels the motion has carried away; along the motion it
+    # averages the same surface point and only the jitter goes.
+    # Measured: noisy 21.6 dB, in place 23.5 dB, along the motion 25.1 dB.
+    assert along > psnr(noisy) + 2.0
+    assert along > in_place + 1.0
