@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from prefect import task
@@ -46,14 +48,23 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
     adjusted = store.array(item, "controller", "embeddings")
     out = store.open_array(item, STAGE, "frames", (n, CROP_SIZE, CROP_SIZE, 3), np.uint8,
                            job.chunk_frames)
-    for chunk, (start, stop) in enumerate(chunks):
-        progress.update(item, STAGE, chunk, len(chunks))
-        if chunk in done:
-            continue
-        with recorded_chunk(store, item, STAGE, chunk, key, frames=stop - start):
-            out[start:stop] = dm.generate_in_batches(
-                pipe, id_crops[start:stop], masks[start:stop],
-                adjusted[start:stop].astype(np.float32), negative, identity, noise,
-                batch_size=job.batch_size, steps=job.steps, guidance=job.guidance,
-                ip_scale=job.ip_adapter_scale)
+    todo = [(chunk, start, stop) for chunk, (start, stop) in enumerate(chunks) if chunk not in done]
+
+    def read_inputs(start: int, stop: int):
+        return id_crops[start:stop], masks[start:stop], adjusted[start:stop].astype(np.float32)
+
+    # The next chunk's inputs are read and decompressed from the store while the current
+    # chunk is generated.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusion-read") as reader:
+        upcoming = reader.submit(read_inputs, *todo[0][1:]) if todo else None
+        for i, (chunk, start, stop) in enumerate(todo):
+            progress.update(item, STAGE, chunk, len(chunks))
+            frames, chunk_masks, embeddings_in = upcoming.result()
+            if i + 1 < len(todo):
+                upcoming = reader.submit(read_inputs, *todo[i + 1][1:])
+            with recorded_chunk(store, item, STAGE, chunk, key, frames=stop - start):
+                out[start:stop] = dm.generate_in_batches(
+                    pipe, frames, chunk_masks, embeddings_in, negative, identity, noise,
+                    batch_size=job.batch_size, steps=job.steps, guidance=job.guidance,
+                    ip_scale=job.ip_adapter_scale)
     return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
