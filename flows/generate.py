@@ -65,7 +65,8 @@ def stage_keys(job: ItemJob) -> dict[str, str]:
         "diffusion": {"models": fp("sd15-inpainting", "ip-adapter"), "steps": job.steps,
                       "guidance": job.guidance, "seed": job.seed, "ip": job.ip_adapter_scale},
         "optical_flow": {"reference": job.flow_reference},
-        "noise_filter": {"kernel_size": job.kernel_size, "along_motion": job.filter_along_motion,
+        "noise_filter": {"kernel_size": job.kernel_size, "window": job.noise_window,
+                         "along_motion": job.filter_along_motion,
                          "audio": job.audio_sha256},
     }
     upstream = {

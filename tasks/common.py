@@ -47,6 +47,7 @@ class ItemJob(BaseModel):
     lambda_range: tuple[float, float] = (0.5, 2.0)
     flow_reference: str = "structure"
     kernel_size: int = 5
+    noise_window: int = 100
     filter_along_motion: bool = True
     batch_size: int | None = None
     chunk_frames: int = 25

@@ -21,7 +21,8 @@ def _filter_chunks(store: Store, job: ItemJob, key: str, pattern: np.ndarray, bo
                    motion: np.ndarray | None) -> None:
     """Filter `diffusion/frames` inside the mouth box chunk by chunk. Each chunk reads
     `kernel_size // 2` neighbouring frames on both sides (and the flows between them, when
-    `motion` `(T-1, box h, box w, 2)` is given), so it equals filtering the whole clip."""
+    `motion` `(T-1, box h, box w, 2)` is given), so it equals filtering the whole clip.
+    pattern: `(box h, box w)` for the clip, or `(T, box h, box w)` per frame."""
     item = job.item_id
     x0, y0, x1, y1 = box
     generated = store.array(item, "diffusion", "frames")
@@ -39,7 +40,7 @@ def _filter_chunks(store: Store, job: ItemJob, key: str, pattern: np.ndarray, bo
             lo, hi = max(0, start - half), min(n, stop + half)
             frames = generated[start:stop]
             region = generated[lo:hi, y0:y1, x0:x1]
-            filtered = ns.temporal_filter(region, pattern[y0:y1, x0:x1], job.kernel_size,
+            filtered = ns.temporal_filter(region, pattern if pattern.ndim == 2 else pattern[lo:hi], job.kernel_size,
                                           mask=masks[lo:hi, y0:y1, x0:x1],
                                           motion=None if motion is None else motion[lo:hi - 1])
             frames[:, y0:y1, x0:x1] = filtered[start - lo:stop - lo]
@@ -65,7 +66,9 @@ def pasted_frames(store: Store, item: str, chunk_frames: int):
 @task(name="noise_filter", cache_policy=STAGE_CACHE, persist_result=True, retries=1, retry_condition_fn=is_transient)
 def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
                  flows: StageRef) -> StageRef:
-    """`noise_pattern (512, 512) float32`, filtered `frames`, MNP, and the output MP4."""
+    """`noise_pattern (512, 512) float32` (for a clip longer than `noise_window` flow fields,
+    the mean of its per-frame sliding-window patterns), filtered `frames`, MNP, and the
+    output MP4."""
     store = job.open_store()
     item, n = job.item_id, generated.frames
     done = store.done_chunks(item, STAGE, key)
@@ -74,17 +77,24 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
         box = tuple(store.attrs(item, "optical_flow")["box"])
         x0, y0, x1, y1 = box
         pattern = np.zeros((CROP_SIZE, CROP_SIZE), np.float32)
+        box_pattern = np.zeros((y1 - y0, x1 - x0), np.float32)
         motion = None
         if n > 2:
             generated_flow = store.read(item, "optical_flow", "generated_flow")
             reference_flow = store.read(item, "optical_flow", "reference_flow")
-            pattern[y0:y1, x0:x1] = ns.noise_pattern(generated_flow, reference_flow)
+            if n - 1 > job.noise_window:
+                # A long clip: each frame's statistics come from the window around it.
+                box_pattern = ns.noise_pattern_sequence(generated_flow, reference_flow, job.noise_window)
+                pattern[y0:y1, x0:x1] = box_pattern.mean(axis=0)
+            else:
+                box_pattern = ns.noise_pattern(generated_flow, reference_flow)
+                pattern[y0:y1, x0:x1] = box_pattern
             if job.filter_along_motion:
                 # Each pixel is smoothed along its genuine motion: the part of the generated
                 # flow the reference explains (Theorem 1's linear estimate).
                 motion = ns.ideal_flow(generated_flow, reference_flow)
             del generated_flow, reference_flow
-        _filter_chunks(store, job, key, pattern, box, motion)
+        _filter_chunks(store, job, key, box_pattern, box, motion)
         with recorded_chunk(store, item, STAGE, -1, key, frames=n):
             store.write_array(item, STAGE, "noise_pattern", pattern)
             mnp = ns.mean_noise_pattern(pattern, _mean_mask(store.array(item, "face_crop", "mouth_masks")))

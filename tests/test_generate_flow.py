@@ -191,3 +191,29 @@ def test_previews_show_the_panels_and_the_lip_curves(first_run, tmp_path):
     a, b = curves["lip reference"], curves["structure"]
     ok = np.isfinite(a) & np.isfinite(b)
     assert np.corrcoef(a[ok], b[ok])[0, 1] > 0.8
+
+
+def test_noise_filter_stage_uses_a_sliding_window_and_equals_the_whole_clip_filter(tmp_path, tiny_models,
+                                                                                   one_second_pair):
+    from flows.generate import make_job
+    from freetalk_core import noise_sensor as ns
+
+    job = make_job(*one_second_pair, store=tmp_path / "store", models=tiny_models, steps=2, batch_size=4,
+                   chunk_frames=10, noise_window=8)
+    _run(job)
+    store = Store(job.store)
+    item = job.item_id
+    x0, y0, x1, y1 = store.attrs(item, "optical_flow")["box"]
+    g = store.read(item, "optical_flow", "generated_flow")
+    r = store.read(item, "optical_flow", "reference_flow")
+    per_frame = ns.noise_pattern_sequence(g, r, 8)
+    # 24 flow fields, windows of 8: a local estimate per frame, not one for the clip
+    assert not np.allclose(per_frame[0], per_frame[-1])
+    np.testing.assert_allclose(store.read(item, "noise_filter", "noise_pattern")[y0:y1, x0:x1],
+                               per_frame.mean(axis=0), rtol=1e-6)
+    # Filtered in chunks of 10 frames, along the motion: the same as the whole clip at once.
+    generated = store.read(item, "diffusion", "frames")
+    masks = store.read(item, "face_crop", "mouth_masks")
+    whole = ns.temporal_filter(generated[:, y0:y1, x0:x1], per_frame, 5, masks[:, y0:y1, x0:x1],
+                               motion=ns.ideal_flow(g, r))
+    np.testing.assert_array_equal(store.read(item, "noise_filter", "frames")[:, y0:y1, x0:x1], whole)
