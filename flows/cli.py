@@ -42,6 +42,11 @@ def generate(
     seed: int = typer.Option(42, help="Seed of the initial noise shared by all frames."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Frames per diffusion batch [4 on CPU; from free memory on GPU]."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    kernel_size: int = typer.Option(5, min=1, help="Noise Sensor: temporal Gaussian taps (odd)."),
+    flow_reference: str = typer.Option("structure", help="Noise Sensor: the motion the output should have: "
+                                       "structure (frames) or identity (video)."),
+    filter_along_motion: bool = typer.Option(True, help="Noise Sensor: smooth each pixel along its motion "
+                                             "(default) or in place."),
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
     verbose: bool = VERBOSE,
 ) -> None:
@@ -51,12 +56,17 @@ def generate(
 
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
+    if kernel_size % 2 == 0:
+        fail(f"--kernel-size must be odd, got {kernel_size}", 2)
+    if flow_reference not in ("structure", "identity"):
+        fail(f"--flow-reference must be structure or identity, got {flow_reference!r}", 2)
     store_dir = resolve_store(store)
     try:
         models_dir = _models_dir(models)
         item_id, result = run_pair(identity, lip_ref, out, audio=audio, store=store_dir, models=models_dir,
                           steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-                          device=device, show_progress=not verbose)
+                          device=device, kernel_size=kernel_size, flow_reference=flow_reference,
+                          filter_along_motion=filter_along_motion, show_progress=not verbose)
         if preview:
             from flows.preview import write_previews
 

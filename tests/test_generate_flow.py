@@ -134,6 +134,18 @@ def test_cli_reports_missing_models_in_one_line(tmp_path, one_second_pair):
     assert len(lines) == 1 and lines[0].startswith("error:") and "freetalk models" in lines[0]
 
 
+@pytest.mark.parametrize("option, message", [(["--kernel-size", "4"], "--kernel-size must be odd"),
+                                             (["--flow-reference", "audio"], "--flow-reference must be")])
+def test_cli_rejects_bad_noise_sensor_settings_in_one_line(tmp_path, one_second_pair, option, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "generate", *map(str, one_second_pair), "-o",
+         str(tmp_path / "o.mp4"), "--store", str(tmp_path / "s"), *option],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0]
+
+
 def _blank_video(path, frames=12):
     from freetalk_core import video
 
