@@ -67,25 +67,11 @@ def _moving_box(g: np.ndarray, r: np.ndarray) -> tuple[int, int, int, int] | Non
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def noise_variance(generated_flow: np.ndarray, reference_flow: np.ndarray) -> np.ndarray:
-    """Theorem 1 noise variance per pixel and flow component, over all the flow fields given.
-
-    Args:
-        generated_flow: `(T-1, H, W, 2)` float32, flow of the generated frames.
-        reference_flow: `(T-1, H, W, 2)` float32, flow of the reference motion.
-
-    Returns:
-        `(H, W, 2)` float32 in px^2, >= 0. Population (1/n) moments.
-    """
-    g, r = _check_flows(generated_flow, reference_flow)
+def _moments(g: np.ndarray, r: np.ndarray):
+    """Per pixel and component over time: `(mean g, mean r, var g, var r, cov(g, r))` float64,
+    population (1/n) moments. Two passes, one flow field at a time: exact centred moments
+    without a float64 copy of the whole clip's flow."""
     n = g.shape[0]
-    out = np.zeros(g.shape[1:], dtype=np.float32)
-    box = _moving_box(g, r)
-    if box is None:
-        return out
-    g, r = g[:, box[0]:box[1], box[2]:box[3]], r[:, box[0]:box[1], box[2]:box[3]]
-    # Two passes, one flow field at a time: exact centred moments in float64 without a
-    # float64 copy of the whole clip's flow.
     mean_g = g.mean(axis=0, dtype=np.float64)
     mean_r = r.mean(axis=0, dtype=np.float64)
     var_g = np.zeros_like(mean_g)
@@ -97,9 +83,25 @@ def noise_variance(generated_flow: np.ndarray, reference_flow: np.ndarray) -> np
         var_g += dg * dg
         var_r += dr * dr
         cov += dg * dr
-    var_g /= n
-    var_r /= n
-    cov /= n
+    return mean_g, mean_r, var_g / n, var_r / n, cov / n
+
+
+def noise_variance(generated_flow: np.ndarray, reference_flow: np.ndarray) -> np.ndarray:
+    """Theorem 1 noise variance per pixel and flow component, over all the flow fields given.
+
+    Args:
+        generated_flow: `(T-1, H, W, 2)` float32, flow of the generated frames.
+        reference_flow: `(T-1, H, W, 2)` float32, flow of the reference motion.
+
+    Returns:
+        `(H, W, 2)` float32 in px^2, >= 0. Population (1/n) moments.
+    """
+    g, r = _check_flows(generated_flow, reference_flow)
+    out = np.zeros(g.shape[1:], dtype=np.float32)
+    box = _moving_box(g, r)
+    if box is None:
+        return out
+    _, _, var_g, var_r, cov = _moments(g[:, box[0]:box[1], box[2]:box[3]], r[:, box[0]:box[1], box[2]:box[3]])
     out[box[0]:box[1], box[2]:box[3]] = _noise_variance_from_moments(var_g, var_r, cov)
     return out
 
@@ -125,15 +127,8 @@ def ideal_flow(generated_flow: np.ndarray, reference_flow: np.ndarray) -> np.nda
     if box is None:
         return out
     g, r = g[:, box[0]:box[1], box[2]:box[3]], r[:, box[0]:box[1], box[2]:box[3]]
-    mean_g = g.mean(axis=0, dtype=np.float64)
-    mean_r = r.mean(axis=0, dtype=np.float64)
-    var_r = np.zeros_like(mean_r)
-    cov = np.zeros_like(mean_g)
-    for t in range(g.shape[0]):
-        dr = r[t] - mean_r
-        var_r += dr * dr
-        cov += (g[t] - mean_g) * dr
-    moving = var_r > VAR_EPS * g.shape[0]
+    mean_g, mean_r, _, var_r, cov = _moments(g, r)
+    moving = var_r > VAR_EPS
     slope = np.where(moving, cov / np.where(moving, var_r, 1.0), 0.0)
     out[:, box[0]:box[1], box[2]:box[3]] = slope * (r - mean_r) + mean_g
     return out

@@ -195,28 +195,19 @@ def test_chunked_filtering_equals_whole_clip_exactly(kernel_size, per_frame):
     sigma = rng.uniform(0.0, 3.0, size=shape).astype(np.float32)
     mask = rng.uniform(0.0, 1.0, size=shape).astype(np.float32)
     mask[mask < 0.3] = 0.0
-    whole = temporal_filter(frames, sigma, kernel_size, mask)
-    pieces = []
-    for start in range(0, n, 5):
-        stop = min(n, start + 5)
-        lo, hi = chunk_context(start, stop, n, kernel_size)
-        s = sigma[start:stop] if per_frame else sigma
-        m = mask[start:stop] if per_frame else mask
-        pieces.append(temporal_filter_chunk(frames[lo:hi], s, start, stop, n, kernel_size, m))
-    np.testing.assert_array_equal(np.concatenate(pieces), whole)
-
-    # along the motion: a chunk reads its context frames' flows too
+    # in place, and along the motion (a chunk then reads its context frames' flows too)
     motion = rng.normal(0.0, 1.5, size=(n - 1,) + frames.shape[1:3] + (2,)).astype(np.float32)
-    whole = temporal_filter(frames, sigma, kernel_size, mask, motion=motion)
-    pieces = []
-    for start in range(0, n, 5):
-        stop = min(n, start + 5)
-        lo, hi = chunk_context(start, stop, n, kernel_size)
-        s = sigma[start:stop] if per_frame else sigma
-        m = mask[start:stop] if per_frame else mask
-        pieces.append(temporal_filter_chunk(frames[lo:hi], s, start, stop, n, kernel_size, m,
-                                            motion=motion[lo:hi - 1]))
-    np.testing.assert_array_equal(np.concatenate(pieces), whole)
+    for flows in (None, motion):
+        whole = temporal_filter(frames, sigma, kernel_size, mask, motion=flows)
+        pieces = []
+        for start in range(0, n, 5):
+            stop = min(n, start + 5)
+            lo, hi = chunk_context(start, stop, n, kernel_size)
+            s = sigma[start:stop] if per_frame else sigma
+            m = mask[start:stop] if per_frame else mask
+            pieces.append(temporal_filter_chunk(frames[lo:hi], s, start, stop, n, kernel_size, m,
+                                                motion=None if flows is None else flows[lo:hi - 1]))
+        np.testing.assert_array_equal(np.concatenate(pieces), whole)
 
 
 def test_chunk_context_default_kernel_needs_two_frames_of_overlap():
