@@ -229,3 +229,18 @@ def test_noise_filter_stage_uses_a_sliding_window_and_equals_the_whole_clip_filt
     whole = ns.temporal_filter(generated[:, y0:y1, x0:x1], per_frame, 5, masks[:, y0:y1, x0:x1],
                                motion=ns.ideal_flow(g, r))
     np.testing.assert_array_equal(store.read(item, "noise_filter", "frames")[:, y0:y1, x0:x1], whole)
+
+
+def test_structure_frames_rendered_in_chunks_equal_the_whole_clip_render(first_run):
+    from freetalk_core import fit_3dmm, structure_render
+    from tasks.fit_3dmm import load_fit
+
+    job, _, _ = first_run
+    store, item = Store(job.store), job.item_id
+    stored = store.read(item, "structure_render", "frames")
+    assert stored.shape[0] == 25 and job.chunk_frames == 10  # three chunks
+    read = lambda name: store.read(item, "face_crop", name)  # noqa: E731
+    whole = structure_render.render_structure_frames(
+        fit_3dmm.load_face_model(job.models_dir / "eos"), read("identity_crops"), read("identity_landmarks"),
+        load_fit(store, item, "identity"), read("lip_ref_landmarks"))
+    np.testing.assert_array_equal(stored, whole)
