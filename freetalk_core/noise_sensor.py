@@ -106,7 +106,8 @@ def noise_variance(generated_flow: np.ndarray, reference_flow: np.ndarray) -> np
     return out
 
 
-def ideal_flow(generated_flow: np.ndarray, reference_flow: np.ndarray) -> np.ndarray:
+def ideal_flow(generated_flow: np.ndarray, reference_flow: np.ndarray,
+               window: int | None = None) -> np.ndarray:
     """Theorem 1's optimal linear estimate of the noise-free generated flow from the reference.
 
     Per pixel and component, `a * r + b` with `a = cov(g, r) / var(r)` and
@@ -117,6 +118,9 @@ def ideal_flow(generated_flow: np.ndarray, reference_flow: np.ndarray) -> np.nda
     Args:
         generated_flow: `(T-1, H, W, 2)` float32, flow of the generated frames.
         reference_flow: `(T-1, H, W, 2)` float32, flow of the reference motion.
+        window: None (or >= T-1): `a` and `b` from the whole clip. Otherwise a number of flow
+            fields: flow field i (frames i -> i+1) uses the statistics of frame i+1's sliding
+            window (see `noise_pattern_sequence`), the window centred on it.
 
     Returns:
         `(T-1, H, W, 2)` float32 flow, zero wherever both flows are zero throughout.
@@ -127,10 +131,26 @@ def ideal_flow(generated_flow: np.ndarray, reference_flow: np.ndarray) -> np.nda
     if box is None:
         return out
     g, r = g[:, box[0]:box[1], box[2]:box[3]], r[:, box[0]:box[1], box[2]:box[3]]
-    mean_g, mean_r, _, var_r, cov = _moments(g, r)
-    moving = var_r > VAR_EPS
-    slope = np.where(moving, cov / np.where(moving, var_r, 1.0), 0.0)
-    out[:, box[0]:box[1], box[2]:box[3]] = slope * (r - mean_r) + mean_g
+    inner = out[:, box[0]:box[1], box[2]:box[3]]
+
+    def line(moments):
+        mean_g, mean_r, _, var_r, cov = moments
+        moving = var_r > VAR_EPS
+        return np.where(moving, cov / np.where(moving, var_r, 1.0), 0.0), mean_g, mean_r
+
+    if window is None or window >= g.shape[0]:
+        slope, mean_g, mean_r = line(_moments(g, r))
+        inner[:] = slope * (r - mean_r) + mean_g
+        return out
+    if window < 2:
+        raise ValueError(f"window must be >= 2 flow fields, got {window}")
+    # Flow field i lies between frames i and i+1: it takes frame i+1's window, the one
+    # centred on it.
+    for t, moments in enumerate(_window_moments(g, r, window)):
+        if moments is not None:
+            slope, mean_g, mean_r = line(moments)
+        if t > 0:
+            inner[t - 1] = slope * (r[t - 1] - mean_r) + mean_g
     return out
 
 
@@ -184,14 +204,23 @@ def noise_pattern_sequence(generated_flow: np.ndarray, reference_flow: np.ndarra
     if window < 2:
         raise ValueError(f"window must be >= 2 flow fields, got {window}")
     window = min(window, n)
-    lo, hi = _window_bounds(n, window)
     out = np.zeros((n + 1,) + g.shape[1:3], dtype=np.float32)
     box = _moving_box(g, r)
     if box is None:
         return out
-    g, r = g[:, box[0]:box[1], box[2]:box[3]], r[:, box[0]:box[1], box[2]:box[3]]
     inner = out[:, box[0]:box[1], box[2]:box[3]]
-    # Moments from running sums, shifted by the clip mean so the subtraction stays accurate.
+    moments = _window_moments(g[:, box[0]:box[1], box[2]:box[3]], r[:, box[0]:box[1], box[2]:box[3]], window)
+    for t, m in enumerate(moments):
+        inner[t] = inner[t - 1] if m is None else _norm_xy(_noise_variance_from_moments(*m[2:]))
+    return out
+
+
+def _window_moments(g: np.ndarray, r: np.ndarray, window: int):
+    """For each frame t of the clip (`len(g) + 1` frames), the `_moments` of the `window` flow
+    fields of its window (see `_window_bounds`), or None when they are frame t-1's. Computed
+    from running sums, shifted by the clip mean so the subtraction stays accurate."""
+    n = g.shape[0]
+    lo, hi = _window_bounds(n, window)
     shift_g = g.mean(axis=0, dtype=np.float64)
     shift_r = r.mean(axis=0, dtype=np.float64)
     sums = np.zeros((5,) + g.shape[1:], dtype=np.float64)
@@ -206,10 +235,9 @@ def noise_pattern_sequence(generated_flow: np.ndarray, reference_flow: np.ndarra
         sums[4] += sign * dg * dr
 
     cur_lo, cur_hi = 0, 0
-    cached_lo = -1
     for t in range(n + 1):
-        if lo[t] == cached_lo:
-            inner[t] = inner[t - 1]
+        if t > 0 and lo[t] == lo[t - 1]:
+            yield None
             continue
         while cur_hi < hi[t]:
             update(cur_hi, 1.0)
@@ -218,12 +246,8 @@ def noise_pattern_sequence(generated_flow: np.ndarray, reference_flow: np.ndarra
             update(cur_lo, -1.0)
             cur_lo += 1
         mg, mr = sums[0] / window, sums[1] / window
-        var_g = sums[2] / window - mg * mg
-        var_r = sums[3] / window - mr * mr
-        cov = sums[4] / window - mg * mr
-        inner[t] = _norm_xy(_noise_variance_from_moments(var_g, var_r, cov))
-        cached_lo = lo[t]
-    return out
+        yield (mg + shift_g, mr + shift_r, sums[2] / window - mg * mg, sums[3] / window - mr * mr,
+               sums[4] / window - mg * mr)
 
 
 def gaussian_weights(sigma: np.ndarray, kernel_size: int = DEFAULT_KERNEL_SIZE) -> np.ndarray:

@@ -82,17 +82,18 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
         if n > 2:
             generated_flow = store.read(item, "optical_flow", "generated_flow")
             reference_flow = store.read(item, "optical_flow", "reference_flow")
-            if n - 1 > job.noise_window:
+            window = job.noise_window if n - 1 > job.noise_window else None
+            if window:
                 # A long clip: each frame's statistics come from the window around it.
-                box_pattern = ns.noise_pattern_sequence(generated_flow, reference_flow, job.noise_window)
+                box_pattern = ns.noise_pattern_sequence(generated_flow, reference_flow, window)
                 pattern[y0:y1, x0:x1] = box_pattern.mean(axis=0)
             else:
                 box_pattern = ns.noise_pattern(generated_flow, reference_flow)
                 pattern[y0:y1, x0:x1] = box_pattern
             if job.filter_along_motion:
                 # Each pixel is smoothed along its genuine motion: the part of the generated
-                # flow the reference explains (Theorem 1's linear estimate).
-                motion = ns.ideal_flow(generated_flow, reference_flow)
+                # flow the reference explains (Theorem 1's linear estimate), over the same window.
+                motion = ns.ideal_flow(generated_flow, reference_flow, window)
             del generated_flow, reference_flow
         _filter_chunks(store, job, key, box_pattern, box, motion)
         with recorded_chunk(store, item, STAGE, -1, key, frames=n):

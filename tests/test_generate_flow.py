@@ -227,7 +227,7 @@ def test_noise_filter_stage_uses_a_sliding_window_and_equals_the_whole_clip_filt
     generated = store.read(item, "diffusion", "frames")
     masks = store.read(item, "face_crop", "mouth_masks")
     whole = ns.temporal_filter(generated[:, y0:y1, x0:x1], per_frame, 5, masks[:, y0:y1, x0:x1],
-                               motion=ns.ideal_flow(g, r))
+                               motion=ns.ideal_flow(g, r, 8))
     np.testing.assert_array_equal(store.read(item, "noise_filter", "frames")[:, y0:y1, x0:x1], whole)
 
 

@@ -323,6 +323,23 @@ def test_ideal_flow_is_the_linear_estimate_from_the_reference():
     np.testing.assert_allclose(still, np.broadcast_to(g.mean(axis=0), g.shape), atol=1e-5)
 
 
+def test_windowed_ideal_flow_uses_each_flow_fields_own_window():
+    rng = np.random.default_rng(12)
+    n, w = 30, 8
+    r = rng.normal(size=(n, 3, 4, 2)).astype(np.float32)
+    slope = np.linspace(0.5, 2.0, n)[:, None, None, None]  # the relation drifts over the clip
+    g = (slope * r + rng.normal(0.0, 0.3, size=r.shape)).astype(np.float32)
+    np.testing.assert_array_equal(ideal_flow(g, r, window=n), ideal_flow(g, r))
+    local = ideal_flow(g, r, window=w)
+    for i in (0, 3, 14, 29):
+        lo = int(np.clip(i + 1 - w // 2, 0, n - w))  # the window centred on flow field i
+        np.testing.assert_allclose(local[i], ideal_flow(g[lo:lo + w], r[lo:lo + w])[i - lo], atol=1e-4)
+    truth = slope * r
+    assert np.abs(local - truth).mean() < np.abs(ideal_flow(g, r) - truth).mean()
+    with pytest.raises(ValueError, match="window"):
+        ideal_flow(g, r, window=1)
+
+
 def test_filter_along_zero_motion_equals_filter_in_place():
     frames = _random_clip(t=9)
     sigma = np.random.default_rng(3).uniform(0.0, 2.0, size=frames.shape[1:3]).astype(np.float32)
