@@ -77,7 +77,9 @@ def lip_distance_plot(store: Store, item_id: str, path: Path) -> Path:
     fig, (ax0, ax1, ax2) = plt.subplots(3, 1, figsize=(8, 6.5), sharex=True)
     a, b = curves["lip reference"], curves["structure"]
     both = np.isfinite(a) & np.isfinite(b)
-    pearson = float(np.corrcoef(a[both], b[both])[0, 1]) if both.sum() > 2 and a[both].std() > 0 and b[both].std() > 0 else float("nan")
+    a, b = a[both], b[both]
+    moving = len(a) > 2 and a.std() > 0 and b.std() > 0
+    pearson = float(np.corrcoef(a, b)[0, 1]) if moving else float("nan")
     for name, curve in curves.items():
         ax0.plot(curve, label=f"{name} (detected)")
     ax0.set_ylabel("opening / inter-ocular")

@@ -193,8 +193,7 @@ def fit_landmarks(
     landmarks = np.asarray(landmarks, dtype=np.float32)
     if landmarks.ndim != 3 or landmarks.shape[1:] != (68, 2):
         raise ValueError(f"expected landmarks (T, 68, 2), got {landmarks.shape}")
-    mapped = model.landmark_vertex >= 0
-    out = {k: [] for k in ("shape", "expr", "rot", "scale", "trans", "mv", "proj", "err")}
+    out = {k: [] for k in ("shape", "expr", "rot", "scale", "trans", "mv", "proj")}
     for frame_landmarks in landmarks:
         eos_landmarks = [
             eos.core.Landmark(name, frame_landmarks[i].reshape(2, 1))
@@ -215,20 +214,14 @@ def fit_landmarks(
         projection = np.asarray(pose.get_projection(), dtype=np.float32)
         shape_coeffs = np.asarray(shape_coeffs, dtype=np.float32)
         expression_coeffs = np.asarray(expression_coeffs, dtype=np.float32)
-        vertices = model.vertices(shape_coeffs, expression_coeffs)
-        projected = project_vertices(vertices[model.landmark_vertex[mapped]], modelview, projection, size)
-        error = np.linalg.norm(projected[:, :2] - frame_landmarks[mapped], axis=1).mean()
-        # The orthographic camera as scale, rotation and translation of the model origin in px.
-        origin = project_vertices(np.zeros((1, 3), np.float32), modelview, projection, size)[0]
-        unit = project_vertices(np.eye(3, dtype=np.float32), modelview, projection, size)
+        origin, scale = _camera_origin_and_scale(modelview, projection, size)
         out["shape"].append(shape_coeffs)
         out["expr"].append(expression_coeffs)
         out["rot"].append(modelview[:3, :3])
-        out["scale"].append(np.linalg.norm(unit[0, :2] - origin[:2]))
-        out["trans"].append(origin[:2])
+        out["scale"].append(scale)
+        out["trans"].append(origin)
         out["mv"].append(modelview)
         out["proj"].append(projection)
-        out["err"].append(error)
     fit = FitResult(
         shape_coeffs=np.array(out["shape"], np.float32).reshape(-1, model.n_shape),
         expression_coeffs=np.array(out["expr"], np.float32).reshape(-1, model.n_expression),
@@ -237,13 +230,19 @@ def fit_landmarks(
         translation=np.array(out["trans"], np.float32).reshape(-1, 2),
         modelview=np.array(out["mv"], np.float32).reshape(-1, 4, 4),
         projection=np.array(out["proj"], np.float32).reshape(-1, 4, 4),
-        fit_error=np.array(out["err"], np.float32),
+        fit_error=np.zeros(len(landmarks), np.float32),
         size=size,
     )
     if smooth_window > 1 and len(fit) >= 3:
         fit = smooth_fit(fit, smooth_window)
-        fit.fit_error = _fit_errors(model, fit, landmarks)
+    fit.fit_error = _fit_errors(model, fit, landmarks)
     return fit
+
+
+def _camera_origin_and_scale(modelview: np.ndarray, projection: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """The orthographic camera's image of the model origin (2,) px and its px per model unit."""
+    origin, unit_x = project_vertices(np.eye(4, dtype=np.float32)[[3, 0], :3], modelview, projection, size)[:, :2]
+    return origin, float(np.linalg.norm(unit_x - origin))
 
 
 def _fit_errors(model: FaceModel, fit: FitResult, landmarks: np.ndarray) -> np.ndarray:
@@ -286,16 +285,13 @@ def smooth_fit(fit: FitResult, window: int = 5) -> FitResult:
     modelview[:, :3, :3] = rotation
     modelview[:, :3, 3] = smooth(fit.modelview[:, :3, 3])
     projection = smooth(fit.projection)
-    origin = np.stack([project_vertices(np.zeros((1, 3), np.float32), mv, pr, fit.size)[0, :2]
-                       for mv, pr in zip(modelview, projection)])
-    unit_x = np.stack([project_vertices(np.eye(3, dtype=np.float32)[:1], mv, pr, fit.size)[0, :2]
-                       for mv, pr in zip(modelview, projection)])
+    cameras = [_camera_origin_and_scale(mv, pr, fit.size) for mv, pr in zip(modelview, projection)]
     return replace(
         fit,
         expression_coeffs=smooth(fit.expression_coeffs).astype(np.float32),
         rotation=rotation.astype(np.float32),
-        scale=np.linalg.norm(unit_x - origin, axis=1).astype(np.float32),
-        translation=origin.astype(np.float32),
+        scale=np.array([scale for _, scale in cameras], np.float32),
+        translation=np.array([origin for origin, _ in cameras], np.float32).reshape(-1, 2),
         modelview=modelview.astype(np.float32),
         projection=projection.astype(np.float32),
     )
