@@ -12,6 +12,7 @@ from tasks.common import (
     StageRef,
     chunk_ranges,
     is_transient,
+    load_cached,
     progress,
     recorded_chunk,
     resolve_device,
@@ -32,13 +33,15 @@ def clip_embed(job: ItemJob, key: str, crops: StageRef, structure: StageRef) -> 
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
 
     device = resolve_device(job.device)
-    encoder = ce.load_image_encoder(job.models_dir, device=device)
+    encoder = load_cached("image encoder", lambda: ce.load_image_encoder(job.models_dir, device=device),
+                          models=job.models_dir, components=("image_encoder",), device=device)
     structure_frames = store.array(item, "structure_render", "frames")
     if -1 not in done:
         with recorded_chunk(store, item, STAGE, -1, key, frames=n):
             negative = ce.negative_embedding(encoder)
             store.write_array(item, STAGE, "negative_embedding", negative.astype(np.float16))
-            arcface = ce.load_arcface(job.models_dir)
+            arcface = load_cached("arcface", lambda: ce.load_arcface(job.models_dir), models=job.models_dir,
+                                  components=("insightface",))
             id_index = store.read(item, "face_crop", "identity_index")
             _, first = np.unique(id_index, return_index=True)
             crops_array = store.array(item, "face_crop", "identity_crops")

@@ -16,6 +16,7 @@ from tasks.common import (
     StageRef,
     chunk_ranges,
     is_transient,
+    load_cached,
     progress,
     recorded_chunk,
     resolve_device,
@@ -36,10 +37,14 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
 
     device = resolve_device(job.device)
-    if device == "cuda":
-        pipe = dm.optimize_pipeline(dm.load_pipeline(job.models_dir, device=device, dtype=torch.float16))
-    else:
-        pipe = dm.load_pipeline(job.models_dir, device=device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+
+    def load():
+        pipe = dm.load_pipeline(job.models_dir, device=device, dtype=dtype)
+        return dm.optimize_pipeline(pipe) if device == "cuda" else pipe
+
+    pipe = load_cached("diffusion pipeline", load, models=job.models_dir,
+                       components=("sd15-inpainting", "ip-adapter"), device=device, dtype=dtype)
     noise = dm.initial_noise(job.seed, CROP_SIZE, CROP_SIZE)
     negative = store.read(item, "clip_embed", "negative_embedding").astype(np.float32)
     identity = store.read(item, "clip_embed", "identity_embedding").astype(np.float32)

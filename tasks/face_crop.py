@@ -10,7 +10,7 @@ from prefect import task
 from freetalk_core import CROP_SIZE, video
 from freetalk_core import face_crop as fc
 from storage import Store
-from tasks.common import STAGE_CACHE, ItemJob, StageRef, chunk_ranges, is_transient, recorded_chunk
+from tasks.common import STAGE_CACHE, ItemJob, StageRef, chunk_ranges, is_transient, load_cached, recorded_chunk
 
 STAGE = "face_crop"
 
@@ -74,7 +74,7 @@ def face_crop(job: ItemJob, key: str) -> StageRef:
 
     with recorded_chunk(store, job.item_id, STAGE, 0, key) as row:
         store.stage_group(job.item_id, STAGE, reset=True)
-        detector = fc.LandmarkDetector()
+        detector = load_cached("landmark detector", fc.LandmarkDetector)
         id_lm, id_found, id_pass = _track(job.identity, job, store, "identity", detector)
         lip_lm, lip_found, _ = _track(job.lip_ref, job, store, "lip_ref", detector)
         n_frames = output_length(job, len(lip_lm))

@@ -9,7 +9,7 @@ from prefect import task
 
 from freetalk_core import fit_3dmm as fit
 from storage import Store
-from tasks.common import STAGE_CACHE, ItemJob, StageRef, is_transient, recorded_chunk
+from tasks.common import STAGE_CACHE, ItemJob, StageRef, is_transient, load_cached, recorded_chunk
 
 STAGE = "fit_3dmm"
 ROLES = ("identity", "lip_ref")
@@ -45,7 +45,8 @@ def fit_3dmm(job: ItemJob, key: str, crops: StageRef) -> StageRef:
     if 0 not in store.done_chunks(job.item_id, STAGE, key):
         with recorded_chunk(store, job.item_id, STAGE, 0, key, frames=crops.frames):
             store.stage_group(job.item_id, STAGE, reset=True)
-            model = fit.load_face_model(job.models_dir / "eos")
+            model = load_cached("face model", lambda: fit.load_face_model(job.models_dir / "eos"),
+                                models=job.models_dir, components=("eos",))
             identity = _fit_role(model, store, job, "identity")
             lip_ref = _fit_role(model, store, job, "lip_ref")
             store.write_array(job.item_id, STAGE, "identity_shape", fit.identity_shape(identity))

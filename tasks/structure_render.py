@@ -8,7 +8,8 @@ from prefect import task
 from freetalk_core import CROP_SIZE
 from freetalk_core import fit_3dmm as fit
 from freetalk_core import structure_render as sr
-from tasks.common import STAGE_CACHE, ItemJob, StageRef, chunk_ranges, is_transient, progress, recorded_chunk
+from tasks.common import (STAGE_CACHE, ItemJob, StageRef, chunk_ranges, is_transient, load_cached, progress,
+                          recorded_chunk)
 from tasks.fit_3dmm import load_fit
 
 STAGE = "structure_render"
@@ -24,7 +25,8 @@ def structure_render(job: ItemJob, key: str, crops: StageRef, fits: StageRef) ->
     done = store.done_chunks(item, STAGE, key)
     if len(done) == len(chunks):
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
-    model = fit.load_face_model(job.models_dir / "eos")
+    model = load_cached("face model", lambda: fit.load_face_model(job.models_dir / "eos"),
+                        models=job.models_dir, components=("eos",))
     identity_crops = store.array(item, "face_crop", "identity_crops")
     frames = sr.StructureFrames(
         model, identity_crops, store.read(item, "face_crop", "identity_landmarks"),
