@@ -31,14 +31,13 @@ def eos_dir(shared_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """One real Prefect server on a free loopback port for the whole test session, with its
-    own PREFECT_HOME (database migrations take about 30 s on a small CPU). Yields its API URL."""
+def prefect_server_starting(tmp_path_factory):
+    """A real Prefect server starting on a free loopback port, with its own PREFECT_HOME
+    (database migrations take about 30 s on a small CPU): request this early to overlap its
+    start with other set-up. Yields `(process, api_url, home)`."""
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,6 +50,22 @@ def prefect_server(tmp_path_factory):
     log = open(home / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    yield server, api, home
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(prefect_server_starting):
+    """One real Prefect server for the whole test session, ready. Returns its API URL."""
+    import time
+    import urllib.request
+
+    server, api, home = prefect_server_starting
     deadline = time.monotonic() + 180
     while True:
         try:
@@ -63,10 +78,4 @@ def prefect_server(tmp_path_factory):
             server.kill()
             raise RuntimeError(f"Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    yield api
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+    return api

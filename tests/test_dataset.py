@@ -24,7 +24,7 @@ OPTIONS = ["--workers", "2", "--steps", "2", "--guidance", "1", "--batch-size", 
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, eos_dir):
+def tiny_models(tmp_path_factory, eos_dir, prefect_server_starting):
     from freetalk_core.models import write_tiny_models
 
     path = tmp_path_factory.mktemp("models")
@@ -34,8 +34,10 @@ def tiny_models(tmp_path_factory, eos_dir):
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory, samples_dir):
-    """Four different pairs (different start frames of two people), a bad item id and an item
-    whose identity file is missing."""
+    """Four different pairs (different start frames of two people), and four rows that fail: a
+    bad item id, a missing file, a video with no face, a file that is not a video."""
+    import numpy as np
+
     from freetalk_core import video
 
     folder = tmp_path_factory.mktemp("clips")
@@ -48,10 +50,13 @@ def clips(tmp_path_factory, samples_dir):
         video.write_video(folder / f"lip{i}.mp4", iter(lip_ref[start:start + FRAMES]), 25.0,
                           audio=samples_dir / "MimicTalk__May_5s.mp4")
         rows.append(f"{item},identity{i}.mp4,lip{i}.mp4")
+    video.write_video(folder / "blank.mp4", iter(np.full((FRAMES, 128, 128, 3), 90, np.uint8)), 25.0)
+    (folder / "garbage.mp4").write_bytes(b"this is not a video")
     good = folder / "good.csv"
     good.write_text("\n".join(rows) + "\n")
     full = folder / "manifest.csv"
-    full.write_text("\n".join(rows + ["a b,identity0.mp4,lip0.mp4", "missing,nowhere.mp4,lip1.mp4"]) + "\n")
+    full.write_text("\n".join(rows + ["a b,identity0.mp4,lip0.mp4", "missing,nowhere.mp4,lip1.mp4",
+                                      "no-face,blank.mp4,lip1.mp4", "garbage,garbage.mp4,lip1.mp4"]) + "\n")
     return folder
 
 
@@ -121,16 +126,20 @@ def test_dataset_runs_on_two_workers_and_the_api_shows_every_item(prefect_server
     # failures: one line each on stderr, the exit status says so, every other item is done
     assert code == 1, err[-3000:]
     lines = _failure_lines(err)
-    assert len(lines) == 2
-    assert lines[0].startswith("failed: a b: ") and "item_id" in lines[0]
-    assert lines[1].startswith("failed: missing: ") and "nowhere.mp4" in lines[1]
-    assert "4 done, 2 failed" in out
+    assert [line.split(":")[1].strip() for line in lines] == ["a b", "garbage", "missing", "no-face"], err[-3000:]
+    assert "item_id" in lines[0] and "garbage.mp4" in lines[1] and "nowhere.mp4" in lines[2]
+    assert "no face found" in lines[3]
+    assert "4 done, 4 failed" in out
     store = Store(store_dir)
     for item in ITEMS:
         row = store.item(item)
         assert row["status"] == "done" and Path(row["output"]).is_file()
-    assert store.item("missing")["status"] == "failed"
-    assert "nowhere.mp4" in store.item("missing")["error"]
+    for item, reason in (("missing", "nowhere.mp4"), ("no-face", "no face found"), ("garbage", "garbage.mp4")):
+        assert store.item(item)["status"] == "failed"
+        assert reason in store.item(item)["error"] and "\n" not in store.item(item)["error"]
+    # the failed stage row says why, too
+    failed_rows = [r for r in store.stage_rows("no-face") if r["status"] == "failed"]
+    assert failed_rows and failed_rows[0]["stage"] == "face_crop"
 
     run, tasks, logs, artifacts = _api(prefect_server, _read_run)
     assert run.state.is_completed()
@@ -155,7 +164,7 @@ def test_dataset_runs_on_two_workers_and_the_api_shows_every_item(prefect_server
     table = by_key["manifest-items"].data
     table = __import__("json").loads(table) if isinstance(table, str) else table
     status = {row["item_id"]: row["status"] for row in table}
-    assert status == {**{i: "done" for i in ITEMS}, "a b": "failed", "missing": "failed"}
+    assert status == {**{i: "done" for i in ITEMS}, **{i: "failed" for i in ("a b", "missing", "no-face", "garbage")}}
     assert all(row["seconds"] > 0 and row["output"] for row in table if row["status"] == "done")
     loads_table = by_key["manifest-model-loads"].data
     loads_table = __import__("json").loads(loads_table) if isinstance(loads_table, str) else loads_table
@@ -182,7 +191,7 @@ def test_failed_items_are_skipped_on_rerun_and_retried_with_retry_failed(prefect
     code, out, err = _finish(_dataset(prefect_server, clips / "manifest.csv", store.root, tiny_models))
     assert code == 1
     lines = _failure_lines(err)
-    assert len(lines) == 2 and "failed before" in lines[1] and "--retry-failed" in lines[1]
+    assert len(lines) == 4 and all("failed before" in line and "--retry-failed" in line for line in lines[1:])
     assert store.item("missing")["updated_at"] == failed_at  # skipped, not tried
     assert len(store.stage_rows()) == rows_before  # the done items did not run again
 
@@ -190,9 +199,9 @@ def test_failed_items_are_skipped_on_rerun_and_retried_with_retry_failed(prefect
                                       "--retry-failed"))
     assert code == 1
     lines = _failure_lines(err)
-    assert len(lines) == 2 and "nowhere.mp4" in lines[1] and "failed before" not in lines[1]
+    assert len(lines) == 4 and "nowhere.mp4" in lines[2] and not any("failed before" in line for line in lines)
     assert store.item("missing")["updated_at"] > failed_at  # tried again, failed again
-    assert "4 done, 2 failed" in out
+    assert "4 done, 4 failed" in out
 
 
 def _done_rows(store: Store) -> Counter:
