@@ -18,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
+import dask
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -218,17 +219,16 @@ def _dask_client():
     return runner.client if isinstance(runner, DaskTaskRunner) else None
 
 
-def _gpu_annotation():
-    """`dask.annotate` for diffusion tasks, unless no worker of the cluster declares a GPU."""
-    import dask
-
+def _gpu_annotation() -> dict:
+    """The Dask annotation of diffusion tasks: the GPU resource, unless no worker of the
+    cluster declares one."""
     client = _dask_client()
     workers = client.scheduler_info().get("workers", {}) if client else {}
     if workers and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
         get_run_logger().warning("no Dask worker declares a GPU resource (start workers with "
                                  "--resources GPU=1); diffusion runs on any worker")
-        return nullcontext()
-    return dask.annotate(resources=GPU)
+        return {}
+    return {"resources": GPU}
 
 
 # ---------------------------------------------------------------------------------- the report
@@ -312,7 +312,7 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
     rows = read_manifest(manifest)
     db = Store(store)
     if hasattr(db, "register_items"):
-        db.register_items(rows)
+        db.register_items([row for row in rows if not _row_problem(row)])
     known = {r["item_id"]: r for r in db.items()}
     report = DatasetReport(Path(manifest).stem, [r["item_id"] for r in rows])
     results: dict[str, dict[str, Any]] = {}
@@ -323,6 +323,7 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
         if status == "failed":
             logger.error("%s failed: %s", item_id, fields.get("error"))
 
+    annotation = _gpu_annotation()
     with store_run(db) as run_id:
         submitted: dict[str, list] = {}
         for row in rows:
@@ -338,7 +339,7 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
                                                 "rerun with --retry-failed to try again)")
             else:
                 prepared = prepare_item.submit(item_id, row, str(db.root), models, settings, run_id)
-                with _gpu_annotation():
+                with dask.annotate(**annotation):
                     generated = diffuse_item.submit(item_id, prepared)
                 submitted[item_id] = [prepared, generated, finish_item.submit(item_id, generated)]
         logger.info("%d items: %d to process, %d done before, %d failed", len(rows), len(submitted),
