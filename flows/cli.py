@@ -89,7 +89,7 @@ def dataset(
     """Generate every pair of MANIFEST not already done; failures are recorded, the rest goes on."""
     configure_environment(verbose)
     from flows.dataset import process_dataset
-    from flows.runtime import store_settings
+    from flows.runtime import prefect_api, store_settings
     from freetalk_core.errors import FreetalkError
     from freetalk_core.models import describe_models
 
@@ -99,7 +99,7 @@ def dataset(
         missing = [f"missing {e.path}" for e in describe_models(models_dir) if not e.present]
         if missing:
             raise_model_problems(models_dir, missing)
-        with store_settings(store_dir), StageBars():
+        with prefect_api(), store_settings(store_dir), StageBars():
             results = process_dataset(str(manifest), str(store_dir), str(models_dir),
                                       batch_size=batch_size, device=device)
     except FreetalkError as exc:
