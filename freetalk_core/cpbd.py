@@ -16,13 +16,16 @@ release (CPBD_compute.m): higher is sharper, in [0, 1].
    and a sharp edge stays sharp wherever the two detectors place it. Inside blocks this is
    the release's rule unchanged.
 3. Edge width (Marziliano et al.): along the row, from the edge pixel to the local intensity
-   extrema on both sides, for edges whose gradient direction rounds to 0 or 180 degrees.
+   extrema on both sides, for edges whose gradient direction rounds to 0 or 180 degrees; each
+   walk stops at the first step that is flat or turns back, for rising and falling edges
+   alike (the release's strict comparisons).
 4. Per edge block, the just-noticeable-blur width is 5 pixels when the block's contrast
    (max - min) is <= 50 grey levels, otherwise 3; an edge of width w is detected as blurred
    with probability P = 1 - exp(-|w / w_JNB|^3.6). The block's contrast applies to the edges
    it takes from the column outside it.
-5. CPBD is the fraction of edges with P <= 63% (the release's 101-bin histogram: round(100 P)
-   <= 62).
+5. CPBD is the fraction of edges not detected as blurred, P <= P_JNB = 63%: the release's
+   101-bin histogram summed over its first 64 bins, round(100 P) <= 63, so an edge exactly as
+   wide as w_JNB (P = 1 - 1/e = 63.2%) counts as sharp.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def edge_widths(grey: np.ndarray, edges: np.ndarray) -> np.ndarray:
     rising_right = _runs((d > 0) & valid, reverse=False)    # A keeps increasing to the right
     rising_left = _runs((d > 0) & valid, reverse=True)      # A keeps decreasing to the left
     falling_left = _runs((d < 0) & valid, reverse=True)     # A keeps increasing to the left
-    falling_right = _runs((d <= 0) & valid, reverse=False)  # A keeps not increasing to the right
+    falling_right = _runs((d < 0) & valid, reverse=False)   # A keeps decreasing to the right
 
     def at(runs: np.ndarray, shift: int) -> np.ndarray:
         out = np.zeros_like(runs)
@@ -165,7 +168,7 @@ def cpbd_from_edges(grey: np.ndarray, sobel_edges: np.ndarray, canny_map: np.nda
     p = np.concatenate(probabilities)
     if p.size == 0:
         return 0.0
-    return float(np.mean(np.floor(p * 100 + 0.5) <= 62))
+    return float(np.mean(np.floor(p * 100 + 0.5) <= 63))
 
 
 def cpbd(image: np.ndarray) -> float:

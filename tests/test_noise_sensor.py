@@ -279,6 +279,29 @@ def test_cpbd_integer_step_tie_pins_edge_column():
     assert cpbd(image.astype(np.uint8)) == 1.0
 
 
+def test_cpbd_falling_step_width_stops_at_the_flat():
+    """A falling integer step followed by flat grey has the rising step's width, 2 (the walk
+    to the right stops at the first flat step)."""
+    from freetalk_core.cpbd import cpbd, edge_widths, sobel_vertical_edges
+
+    image = _step_image(63.5, width=128, low=200.0, high=0.0)
+    widths = edge_widths(image, sobel_vertical_edges(image))
+    np.testing.assert_array_equal(widths[1:-1, 63], 2.0)
+    assert cpbd(image.astype(np.uint8)) == 1.0
+
+
+def test_cpbd_edge_as_wide_as_jnb_counts_as_sharp():
+    """A high-contrast edge 3 pixels wide (w_JNB for contrast > 50) has P = 1 - 1/e = 63.2%:
+    the release counts it in its first 64 histogram bins, as not blurred."""
+    from freetalk_core.cpbd import cpbd, edge_widths, sobel_vertical_edges
+
+    image = np.zeros((128, 192))
+    image[:, 91], image[:, 92], image[:, 93:] = 67.0, 133.0, 200.0
+    widths = edge_widths(image, sobel_vertical_edges(image))
+    assert set(np.unique(widths[1:-1])) == {0.0, 3.0}
+    assert cpbd(image) == 1.0
+
+
 @pytest.mark.parametrize("sobel_column", [63, 64])
 @pytest.mark.parametrize("canny_columns", [(63,), (64,), (63, 64)])
 def test_cpbd_counts_a_sharp_edge_wherever_the_detectors_put_it(sobel_column, canny_columns):
@@ -300,17 +323,17 @@ def test_cpbd_counts_a_sharp_edge_wherever_the_detectors_put_it(sobel_column, ca
 
 @pytest.mark.parametrize("offset", [(k + 0.5) / 8 for k in range(8)])
 def test_cpbd_subpixel_step_sharper_than_blurred(offset):
-    """A step anywhere between columns 63 and 64 (across a block border, never an exact tie)
-    is sharp; its Gaussian-blurred copy scores lower."""
+    """A rising or falling step anywhere between columns 63 and 64 (across a block border,
+    never an exact tie) is sharp; its Gaussian-blurred copy scores lower."""
     from scipy import ndimage
 
     from freetalk_core.cpbd import cpbd
 
-    image = _step_image(63.0 + offset)
-    sharp = cpbd(image)
-    blurred = cpbd(ndimage.gaussian_filter1d(image, 2.0, axis=1))
-    assert sharp >= 0.9
-    assert blurred < sharp
+    for image in (_step_image(63.0 + offset), _step_image(63.0 + offset, low=200.0, high=0.0)):
+        sharp = cpbd(image)
+        blurred = cpbd(ndimage.gaussian_filter1d(image, 2.0, axis=1))
+        assert sharp >= 0.9
+        assert blurred < sharp
 
 
 def test_cpbd_same_with_one_thread_and_default(samples_dir, tmp_path):
