@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from flows.runtime import StageBars, configure_environment, raise_model_problems, resolve_store, run_pair
+from flows.runtime import configure_environment, raise_model_problems, resolve_store, run_pair
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tuning-free talking-face generation.")
@@ -128,7 +128,7 @@ def dataset(
     if workers and dask_address:
         fail("give --workers or --dask-address, not both", 2)
     from flows.dataset import dataset_task_runner, process_dataset
-    from flows.runtime import store_settings
+    from flows.runtime import prefect_api, store_settings
     from freetalk_core.errors import FreetalkError
     from freetalk_core.models import describe_models
 
@@ -139,7 +139,7 @@ def dataset(
         if missing:
             raise_model_problems(models_dir, missing)
         run = process_dataset.with_options(task_runner=dataset_task_runner(workers, dask_address))
-        with _prefect_api(), store_settings(store_dir):
+        with prefect_api(), store_settings(store_dir):
             results = run(str(manifest), str(store_dir), str(models_dir), retry_failed=retry_failed,
                           keep=keep, **settings)
     except FreetalkError as exc:
@@ -150,15 +150,6 @@ def dataset(
     typer.echo(f"{len(results) - len(failed)} done, {len(failed)} failed ({store_dir})")
     if failed:
         raise typer.Exit(1)
-
-
-def _prefect_api():
-    """One Prefect API for the run and its workers (`flows.runtime.prefect_api`)."""
-    from contextlib import nullcontext
-
-    import flows.runtime
-
-    return flows.runtime.prefect_api() if hasattr(flows.runtime, "prefect_api") else nullcontext()
 
 
 @app.command()

@@ -1,7 +1,11 @@
 import os
+import tempfile
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The test session's own Prefect home, empty like a new user's: nothing is read from or
+# written to the developer's ~/.prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="freetalk-test-prefect-")
 
 from pathlib import Path
 
@@ -30,52 +34,11 @@ def eos_dir(shared_dir) -> Path:
     return shared_dir / "models" / "eos"
 
 
-@pytest.fixture(scope="session")
-def prefect_server_starting(tmp_path_factory):
-    """A real Prefect server starting on a free loopback port, with its own PREFECT_HOME
-    (database migrations take about 30 s on a small CPU): request this early to overlap its
-    start with other set-up. Yields `(process, api_url, home)`."""
-    import socket
-    import subprocess
-    import sys
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    """One local Prefect API for the whole session, started the way every command starts
+    it (tests that run the command line in subprocesses inherit its URL)."""
+    from flows.runtime import prefect_api
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home = tmp_path_factory.mktemp("prefect-home")
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    yield server, api, home
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
-
-
-@pytest.fixture(scope="session")
-def prefect_server(prefect_server_starting):
-    """One real Prefect server for the whole test session, ready. Returns its API URL."""
-    import time
-    import urllib.request
-
-    server, api, home = prefect_server_starting
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError(f"Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    return api
+    with prefect_api(announce=False) as url:
+        yield url

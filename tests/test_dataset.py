@@ -24,7 +24,7 @@ OPTIONS = ["--workers", "2", "--steps", "2", "--guidance", "1", "--batch-size", 
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, eos_dir, prefect_server_starting):
+def tiny_models(tmp_path_factory, eos_dir):
     from freetalk_core.models import write_tiny_models
 
     path = tmp_path_factory.mktemp("models")
