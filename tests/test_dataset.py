@@ -52,8 +52,7 @@ def clips(tmp_path_factory, samples_dir):
         rows.append(f"{item},identity{i}.mp4,lip{i}.mp4")
     video.write_video(folder / "blank.mp4", iter(np.full((FRAMES, 128, 128, 3), 90, np.uint8)), 25.0)
     (folder / "garbage.mp4").write_bytes(b"this is not a video")
-    good = folder / "good.csv"
-    good.write_text("\n".join(rows) + "\n")
+    (folder / "good.csv").write_text("\n".join(rows[:4]) + "\n")  # three items for the SIGKILL test
     full = folder / "manifest.csv"
     full.write_text("\n".join(rows + ["a b,identity0.mp4,lip0.mp4", "missing,nowhere.mp4,lip1.mp4",
                                       "no-face,blank.mp4,lip1.mp4", "garbage,garbage.mp4,lip1.mp4"]) + "\n")
@@ -228,14 +227,14 @@ def test_sigkill_of_the_whole_run_then_rerun_computes_nothing_twice(prefect_serv
     process.communicate()
     killed_at = _done_rows(store)
     reference = Store(first_run[0])
-    assert 0 < len(killed_at) < sum(1 for key in _done_rows(reference) if key[0] in ITEMS)
+    assert 0 < len(killed_at) < sum(1 for key in _done_rows(reference) if key[0] in ITEMS[:3])
 
     code, out, err = _finish(_dataset(prefect_server, clips / "good.csv", store_dir, tiny_models))
     assert code == 0, err[-3000:]
     done = _done_rows(store)
     assert max(done.values()) == 1, [k for k, n in done.items() if n > 1]  # no chunk computed twice
     assert {stage for _, stage, _ in done} == set(STAGES)
-    for item in ITEMS:
+    for item in ITEMS[:3]:
         assert store.item(item)["status"] == "done"
         assert Path(store.item(item)["output"]).read_bytes() == Path(reference.item(item)["output"]).read_bytes()
 
