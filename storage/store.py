@@ -2,33 +2,38 @@
 
     STORE/
       items/<item_id>.zarr/<stage>/...   one Zarr group per item, one subgroup per stage
-      metadata/items/                    Parquet dataset, one fragment per status change
-      metadata/stages/                   Parquet dataset, one row per (item_id, stage, chunk) computed
-      metadata/metrics/                  Parquet dataset: item_id, metric, value
+      metadata/items/bucket=XX/*.parquet    one row per status change of an item
+      metadata/stages/bucket=XX/*.parquet   one row per (item_id, stage, chunk) computed
+      metadata/metrics/bucket=XX/*.parquet  item_id, metric, value
+      runs/<run_id>.json                 host, pid, start, heartbeat and end of each run
       outputs/<item_id>.mp4
 
-Every Parquet fragment is written under a dot-prefixed temporary name (which
-`pyarrow.dataset` ignores) and renamed into place, so a killed writer never leaves a
-half-written fragment and concurrent writers never touch the same file. Tables are
-append-only; the current state of a row is its latest fragment.
+The metadata tables are append-only Parquet datasets (`storage.tables`): the current state of
+a key is its latest row. An item recorded `running` whose run ended, stopped beating or whose
+process is gone reads as `interrupted`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import socket
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import zarr
+
+from storage.tables import Table, latest_rows, pid_alive
 
 STAGES = (
     "face_crop",
@@ -40,7 +45,9 @@ STAGES = (
     "optical_flow",
     "noise_filter",
 )
-ITEM_STATUSES = ("pending", "running", "done", "failed")
+ITEM_STATUSES = ("pending", "running", "interrupted", "done", "failed")
+HEARTBEAT_SECONDS = 5.0     # how often a live run rewrites its heartbeat
+STALE_AFTER_SECONDS = 60.0  # a run whose heartbeat is older than this is taken as dead
 
 _TS = pa.timestamp("us", tz="UTC")
 ITEM_SCHEMA = pa.schema([
@@ -59,6 +66,8 @@ ITEM_SCHEMA = pa.schema([
     ("output_sha256", pa.string()),
     ("watermark_id", pa.string()),
     ("updated_at", _TS),
+    ("run_id", pa.string()),
+    ("started_at", _TS),
 ])
 STAGE_SCHEMA = pa.schema([
     ("item_id", pa.string()),
@@ -77,7 +86,12 @@ METRIC_SCHEMA = pa.schema([
     ("value", pa.float64()),
     ("updated_at", _TS),
 ])
-_TABLES = {"items": ITEM_SCHEMA, "stages": STAGE_SCHEMA, "metrics": METRIC_SCHEMA}
+_TABLES = {  # schema, key, time column
+    "items": (ITEM_SCHEMA, ["item_id"], "updated_at"),
+    "stages": (STAGE_SCHEMA, ["item_id", "stage", "chunk"], "finished_at"),
+    "metrics": (METRIC_SCHEMA, ["item_id", "metric"], "updated_at"),
+}
+_ACTIVE_RUNS: dict[Path, str] = {}  # store root -> id of the run this process is in
 _ITEM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -99,6 +113,8 @@ class Store:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
+        self._tables = {name: Table(self.root / "metadata" / name, schema, keys, order)
+                        for name, (schema, keys, order) in _TABLES.items()}
 
     # ----------------------------------------------------------------- paths
     def item_path(self, item_id: str) -> Path:
@@ -175,50 +191,63 @@ class Store:
         group = zarr.open_group(self.item_path(item_id), mode="r")
         return dict(group[stage].attrs)
 
-    # --------------------------------------------------------------- parquet
-    def _append(self, table: str, rows: list[dict[str, Any]]) -> Path:
-        schema = _TABLES[table]
-        folder = self.root / "metadata" / table
-        folder.mkdir(parents=True, exist_ok=True)
-        data = pa.Table.from_pylist(
-            [{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
-        stem = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        tmp = folder / f".{stem}.parquet.tmp"
-        pq.write_table(data, tmp)
-        final = folder / f"part-{stem}.parquet"
-        os.replace(tmp, final)
-        return final
-
+    # --------------------------------------------------------------- tables
     def _read(self, table: str) -> pa.Table:
-        folder = self.root / "metadata" / table
-        schema = _TABLES[table]
-        if not folder.is_dir():
-            return schema.empty_table()
-        dataset = ds.dataset(folder, format="parquet", schema=schema,
-                             ignore_prefixes=[".", "_"])
-        return dataset.to_table()
+        """Every row ever appended to a table (history included)."""
+        return self._tables[table].read_all()
 
-    def _latest(self, table: str, keys: list[str], order: str) -> list[dict[str, Any]]:
-        rows = self._read(table).to_pylist()
-        latest: dict[tuple, dict[str, Any]] = {}
-        for row in sorted(rows, key=lambda r: r[order]):
-            latest[tuple(row[k] for k in keys)] = row
-        return list(latest.values())
+    def table(self, name: str) -> pa.Table:
+        """Current state of a table: the latest row per key; items with their derived status."""
+        latest = self._tables[name].latest_all()
+        if name == "items":
+            latest = self._derive_status(latest)
+        return latest
 
     def record_item(self, item_id: str, status: str, **fields: Any) -> None:
-        """Append a row for an item; fields not given keep their last recorded value."""
+        """Append a row for an item; fields not given keep their last recorded value. A
+        `running` row gets the id of the run this process is in unless `run_id` is given."""
         if status not in ITEM_STATUSES:
             raise ValueError(f"status must be one of {ITEM_STATUSES}, got {status!r}")
         check_item_id(item_id)
-        previous = self.item(item_id) or {}
-        row = {**previous, **fields, "item_id": item_id, "status": status, "updated_at": _now()}
+        self._record_item(item_id, status, fields)
+
+    def record_failure(self, item_id: str, reason: Any, **fields: Any) -> None:
+        """Record any item id (one that `check_item_id` rejects included) as failed with a
+        one-line reason. Meant for failure paths: it checks nothing that could raise."""
+        text = " ".join(str(reason).split()) or "failed"
+        self._record_item(str(item_id), "failed", {**fields, "error": text[:1000]})
+
+    def _record_item(self, item_id: str, status: str, fields: dict[str, Any]) -> None:
+        previous = self._latest_item_row(item_id) or {}
+        now = _now()
+        row = {**previous, **fields, "item_id": item_id, "status": status, "updated_at": now}
         if status != "failed" and "error" not in fields:
             row["error"] = None
-        self._append("items", [row])
+        if status == "running":
+            if "run_id" not in fields:
+                row["run_id"] = _ACTIVE_RUNS.get(self.root)
+            if "started_at" not in fields and previous.get("status") != "running":
+                row["started_at"] = now
+        self._tables["items"].append([row])
+
+    def register_items(self, rows: list[dict[str, Any]]) -> list[str]:
+        """Record as `pending`, in one append, the items of `rows` (dicts with `item_id` and any
+        item fields) the store does not know yet; known items are left as they are. Returns
+        the ids registered."""
+        known = set(self._tables["items"].read_all(["item_id"])["item_id"].to_pylist())
+        now = _now()
+        new: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            item_id = str(row["item_id"])
+            if item_id not in known and item_id not in new:
+                new[item_id] = {**row, "item_id": item_id, "status": "pending", "error": None,
+                                "updated_at": now, "run_id": None, "started_at": None}
+        self._tables["items"].append(list(new.values()))
+        return list(new)
 
     def record_stage(self, item_id: str, stage: str, chunk: int, status: str, *,
                      seconds: float, frames: int, cache_key: str, error: str | None = None) -> None:
-        self._append("stages", [{
+        self._tables["stages"].append([{
             "item_id": item_id, "stage": stage, "chunk": int(chunk), "status": status,
             "seconds": float(seconds), "frames": int(frames), "cache_key": cache_key,
             "error": error, "finished_at": _now(),
@@ -226,38 +255,156 @@ class Store:
 
     def record_metrics(self, item_id: str, metrics: dict[str, float]) -> None:
         now = _now()
-        self._append("metrics", [{"item_id": item_id, "metric": k, "value": float(v),
-                                  "updated_at": now} for k, v in metrics.items()])
+        self._tables["metrics"].append([{"item_id": item_id, "metric": k, "value": float(v),
+                                         "updated_at": now} for k, v in metrics.items()])
+
+    def _latest_item_row(self, item_id: str) -> dict[str, Any] | None:
+        rows = self._tables["items"].latest_item(item_id).to_pylist()
+        return rows[0] if rows else None
 
     def items(self) -> list[dict[str, Any]]:
         """Current row of every item, ordered by item_id."""
-        return sorted(self._latest("items", ["item_id"], "updated_at"), key=lambda r: r["item_id"])
+        return self.table("items").sort_by("item_id").to_pylist()
 
     def item(self, item_id: str) -> dict[str, Any] | None:
-        for row in self._latest("items", ["item_id"], "updated_at"):
-            if row["item_id"] == item_id:
-                return row
-        return None
+        latest = self._tables["items"].latest_item(item_id)
+        rows = self._derive_status(latest).to_pylist()
+        return rows[0] if rows else None
 
     def stage_rows(self, item_id: str | None = None) -> list[dict[str, Any]]:
         """Latest row per (item_id, stage, chunk)."""
-        rows = self._latest("stages", ["item_id", "stage", "chunk"], "finished_at")
-        if item_id is not None:
-            rows = [r for r in rows if r["item_id"] == item_id]
+        table = self._tables["stages"]
+        latest = table.latest_all() if item_id is None else table.latest_item(item_id)
+        rows = latest.to_pylist()
         return sorted(rows, key=lambda r: (r["item_id"], STAGES.index(r["stage"])
                                            if r["stage"] in STAGES else 99, r["chunk"]))
 
     def done_chunks(self, item_id: str, stage: str, cache_key: str) -> set[int]:
         """Chunks of a stage recorded done under this cache key (the only proof a Zarr chunk
-        is complete)."""
-        return {r["chunk"] for r in self.stage_rows(item_id)
-                if r["stage"] == stage and r["status"] == "done" and r["cache_key"] == cache_key}
+        is complete). Reads only this item's bucket."""
+        rows = self._tables["stages"].read_item(item_id).filter(pc.field("stage") == stage)
+        latest = latest_rows(rows, ["chunk"], "finished_at")
+        done = latest.filter((pc.field("status") == "done") & (pc.field("cache_key") == cache_key))
+        return set(done["chunk"].to_pylist())
 
     def metrics(self, item_id: str | None = None) -> dict[str, dict[str, float]]:
+        table = self._tables["metrics"]
+        latest = table.latest_all() if item_id is None else table.latest_item(item_id)
         out: dict[str, dict[str, float]] = {}
-        for row in self._latest("metrics", ["item_id", "metric"], "updated_at"):
-            if item_id is None or row["item_id"] == item_id:
-                out.setdefault(row["item_id"], {})[row["metric"]] = row["value"]
+        for row in latest.to_pylist():
+            out.setdefault(row["item_id"], {})[row["metric"]] = row["value"]
+        return out
+
+    # ----------------------------------------------------------------- runs
+    @contextmanager
+    def run(self, kind: str = "generate") -> Iterator[str]:
+        """A run of this process on this store: recorded in `runs/<run_id>.json` with host, pid
+        and start, its heartbeat rewritten every HEARTBEAT_SECONDS by a daemon thread, marked
+        ended on exit. Yields the run id; `running` rows recorded meanwhile carry it."""
+        run_id = f"{_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:10]}"
+        record = {"run_id": run_id, "kind": kind, "host": socket.gethostname(), "pid": os.getpid(),
+                  "started_at": _now().isoformat(), "heartbeat": _now().isoformat(), "ended_at": None,
+                  "outcome": None}
+        self._write_run(record)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                self._write_run({**record, "heartbeat": _now().isoformat()})
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
+        thread.start()
+        outer = _ACTIVE_RUNS.get(self.root)
+        _ACTIVE_RUNS[self.root] = run_id
+        outcome = "error"
+        try:
+            yield run_id
+            outcome = "ok"
+        finally:
+            stop.set()
+            thread.join()
+            if outer is None:
+                _ACTIVE_RUNS.pop(self.root, None)
+            else:
+                _ACTIVE_RUNS[self.root] = outer
+            now = _now().isoformat()
+            self._write_run({**record, "heartbeat": now, "ended_at": now, "outcome": outcome})
+
+    def run_info(self, run_id: str) -> dict[str, Any] | None:
+        """The record of a run (`runs/<run_id>.json`), or None."""
+        try:
+            return json.loads((self.root / "runs" / f"{run_id}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _write_run(self, record: dict[str, Any]) -> None:
+        folder = self.root / "runs"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{record['run_id']}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, folder / f"{record['run_id']}.json")
+
+    def run_is_live(self, run_id: str | None) -> bool:
+        """A run counts as live while it has not ended, its heartbeat is younger than
+        STALE_AFTER_SECONDS and, on this host, its process exists."""
+        info = self.run_info(run_id) if run_id else None
+        if info is None or info.get("ended_at"):
+            return False
+        age = (_now() - datetime.fromisoformat(info["heartbeat"])).total_seconds()
+        if age > STALE_AFTER_SECONDS:
+            return False
+        return info.get("host") != socket.gethostname() or pid_alive(int(info.get("pid", 0)))
+
+    def _derive_status(self, items: pa.Table) -> pa.Table:
+        """Items stored `running` whose run is not live read as `interrupted`."""
+        running = pc.equal(items["status"], "running")
+        if not pc.any(running).as_py():
+            return items
+        run_ids = set(items.filter(running)["run_id"].to_pylist())
+        dead = [r for r in run_ids if not self.run_is_live(r)]
+        if not dead:
+            return items
+        value_set = pa.array([r for r in dead if r is not None], pa.string())
+        stale = pc.and_(running, pc.fill_null(pc.is_in(items["run_id"], value_set=value_set), False))
+        if None in dead:
+            stale = pc.or_(stale, pc.and_(running, pc.is_null(items["run_id"])))
+        status = pc.if_else(stale, pa.scalar("interrupted"), items["status"])
+        return items.set_column(items.schema.get_field_index("status"), "status", status)
+
+    # --------------------------------------------------------------- status
+    def status(self) -> list[dict[str, Any]]:
+        """One record per item: item_id, state, stages_done (stages whose every recorded chunk
+        is done), stages_total, seconds (of done chunks), error, output, run_id. Computed with
+        vectorised group-bys, so it stays fast at millions of stage rows."""
+        items = self.table("items").sort_by("item_id")
+        if items.num_rows == 0:
+            return []
+        stages = self._tables["stages"].latest_all(["status", "seconds"])
+        done = pc.equal(stages["status"], "done")
+        stages = pa.table({
+            "item_id": stages["item_id"], "stage": stages["stage"],
+            "done": pc.cast(done, pa.int64()),
+            "done_seconds": pc.if_else(done, stages["seconds"], 0.0),
+        })
+        per_stage = stages.group_by(["item_id", "stage"]).aggregate(
+            [("done", "sum"), ("done", "count"), ("done_seconds", "sum")])
+        complete = pc.equal(per_stage["done_sum"], per_stage["done_count"])
+        per_stage = pa.table({"item_id": per_stage["item_id"],
+                              "complete": pc.cast(complete, pa.int64()),
+                              "seconds": per_stage["done_seconds_sum"]})
+        per_item = per_stage.group_by("item_id").aggregate([("complete", "sum"), ("seconds", "sum")])
+        joined = items.select(["item_id", "status", "error", "output", "run_id"]).join(
+            per_item, "item_id", join_type="left outer").sort_by("item_id")
+        out = []
+        columns = joined.to_pydict()
+        for i, item_id in enumerate(columns["item_id"]):
+            out.append({
+                "item_id": item_id, "state": columns["status"][i],
+                "stages_done": int(columns["complete_sum"][i] or 0), "stages_total": len(STAGES),
+                "seconds": round(float(columns["seconds_sum"][i] or 0.0), 3),
+                "error": columns["error"][i], "output": columns["output"][i],
+                "run_id": columns["run_id"][i],
+            })
         return out
 
 
