@@ -15,6 +15,7 @@ process is gone reads as `interrupted`.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -91,7 +92,9 @@ _TABLES = {  # schema, key, time column
     "stages": (STAGE_SCHEMA, ["item_id", "stage", "chunk"], "finished_at"),
     "metrics": (METRIC_SCHEMA, ["item_id", "metric"], "updated_at"),
 }
-_ACTIVE_RUNS: dict[Path, str] = {}  # store root -> id of the run this process is in
+_ACTIVE_RUNS: dict[Path, "_Heartbeat"] = {}   # store root -> the run() this process is in
+_PROCESS_RUNS: dict[Path, "_Heartbeat"] = {}  # store root -> this process's run outside run()
+_RUNS_LOCK = threading.Lock()
 _ITEM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -225,7 +228,7 @@ class Store:
             row["error"] = None
         if status == "running":
             if "run_id" not in fields:
-                row["run_id"] = _ACTIVE_RUNS.get(self.root)
+                row["run_id"] = self._current_run_id()
             if "started_at" not in fields and previous.get("status") != "running":
                 row["started_at"] = now
         self._tables["items"].append([row])
@@ -300,35 +303,33 @@ class Store:
     def run(self, kind: str = "generate") -> Iterator[str]:
         """A run of this process on this store: recorded in `runs/<run_id>.json` with host, pid
         and start, its heartbeat rewritten every HEARTBEAT_SECONDS by a daemon thread, marked
-        ended on exit. Yields the run id; `running` rows recorded meanwhile carry it."""
-        run_id = f"{_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:10]}"
-        record = {"run_id": run_id, "kind": kind, "host": socket.gethostname(), "pid": os.getpid(),
-                  "started_at": _now().isoformat(), "heartbeat": _now().isoformat(), "ended_at": None,
-                  "outcome": None}
-        self._write_run(record)
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(HEARTBEAT_SECONDS):
-                self._write_run({**record, "heartbeat": _now().isoformat()})
-
-        thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
-        thread.start()
+        ended on exit. Yields the run id; `running` rows this process records meanwhile carry
+        it unless they name another."""
+        beat = _Heartbeat(self, kind)
         outer = _ACTIVE_RUNS.get(self.root)
-        _ACTIVE_RUNS[self.root] = run_id
+        _ACTIVE_RUNS[self.root] = beat
         outcome = "error"
         try:
-            yield run_id
+            yield beat.run_id
             outcome = "ok"
         finally:
-            stop.set()
-            thread.join()
             if outer is None:
                 _ACTIVE_RUNS.pop(self.root, None)
             else:
                 _ACTIVE_RUNS[self.root] = outer
-            now = _now().isoformat()
-            self._write_run({**record, "heartbeat": now, "ended_at": now, "outcome": outcome})
+            beat.end(outcome)
+
+    def _current_run_id(self) -> str:
+        """The run this process is in; outside `run()`, one run per process and store that
+        lasts as long as the process."""
+        beat = _ACTIVE_RUNS.get(self.root)
+        if beat is None or beat.pid != os.getpid():  # none yet, or inherited through fork
+            with _RUNS_LOCK:
+                beat = _PROCESS_RUNS.get(self.root)
+                if beat is None or beat.pid != os.getpid():
+                    beat = _PROCESS_RUNS[self.root] = _Heartbeat(self, "process")
+                    atexit.register(beat.end, "exit")
+        return beat.run_id
 
     def run_info(self, run_id: str) -> dict[str, Any] | None:
         """The record of a run (`runs/<run_id>.json`), or None."""
@@ -337,9 +338,10 @@ class Store:
         except (FileNotFoundError, ValueError):
             return None
 
-    def _write_run(self, record: dict[str, Any]) -> None:
+    def _write_run(self, record: dict[str, Any], create: bool = True) -> None:
         folder = self.root / "runs"
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{record['run_id']}.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_text(json.dumps(record))
         os.replace(tmp, folder / f"{record['run_id']}.json")
@@ -406,6 +408,41 @@ class Store:
                 "run_id": columns["run_id"][i],
             })
         return out
+
+
+class _Heartbeat:
+    """The record of one run, kept fresh by a daemon thread until `end`."""
+
+    def __init__(self, store: Store, kind: str):
+        self.store = store
+        self.pid = os.getpid()
+        self.run_id = f"{_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:10]}"
+        self.record = {"run_id": self.run_id, "kind": kind, "host": socket.gethostname(), "pid": self.pid,
+                       "started_at": _now().isoformat(), "heartbeat": _now().isoformat(),
+                       "ended_at": None, "outcome": None}
+        store._write_run(self.record)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.run_id}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self.store._write_run({**self.record, "heartbeat": _now().isoformat()}, create=False)
+            except OSError:  # the store is gone or unwritable for a moment: try again next beat
+                pass
+
+    def end(self, outcome: str) -> None:
+        if self._stop.is_set() or self.pid != os.getpid():
+            return
+        self._stop.set()
+        self._thread.join()
+        now = _now().isoformat()
+        try:
+            self.store._write_run({**self.record, "heartbeat": now, "ended_at": now, "outcome": outcome},
+                                  create=False)
+        except OSError:
+            pass  # the store is gone; a reader then finds the process dead or the heartbeat stale
 
 
 def check_item_id(item_id: str) -> str:

@@ -1,0 +1,167 @@
+"""How the store scales: metadata append and read costs at 1k and 1M stage rows, `freetalk
+status` at 10,000 items / 1,000,000 stage rows, and (sections below) memory and size.
+
+    python bench/store_scale.py [--only metadata,status] [--dir DIR]
+
+Each `bench_*` function returns rows of (measure, value, unit) for the printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from storage import STAGES, Store  # noqa: E402
+from storage.store import STAGE_SCHEMA  # noqa: E402
+
+APPENDS = 200
+ITEMS = 10_000
+ROWS = 1_000_000
+
+
+def bulk_stage_rows(store: Store, n_rows: int, n_items: int, pieces: int = 40) -> None:
+    """`n_rows` done stage rows spread evenly over `n_items` items, written in `pieces` bulk
+    appends (so buckets hold fragments and segments, as after a long run)."""
+    per_item = max(1, n_rows // n_items)
+    j = np.tile(np.arange(per_item), n_items)
+    items = np.repeat(np.array([f"item-{i:05d}" for i in range(n_items)], dtype=object), per_item)
+    stage_names = np.array(STAGES, dtype=object)
+    n = len(j)
+    now = datetime.now(timezone.utc)
+    table = pa.table({
+        "item_id": pa.array(items, pa.string()),
+        "stage": pa.array(stage_names[j % len(STAGES)], pa.string()),
+        "chunk": pa.array(j // len(STAGES), pa.int64()),
+        "status": pa.array(np.full(n, "done", dtype=object), pa.string()),
+        "seconds": pa.array(np.full(n, 0.5)),
+        "frames": pa.array(np.full(n, 4, dtype=np.int64)),
+        "cache_key": pa.array(np.full(n, "key", dtype=object), pa.string()),
+        "error": pa.nulls(n, pa.string()),
+        "finished_at": pa.array(np.full(n, now), STAGE_SCHEMA.field("finished_at").type),
+    }, schema=STAGE_SCHEMA)
+    order = np.random.default_rng(0).permutation(n)  # rows of all items in every piece
+    for piece in np.array_split(order, pieces):
+        store._tables["stages"].append(table.take(pa.array(piece)))
+
+
+def time_appends(store: Store, n: int = APPENDS) -> tuple[float, float]:
+    """(median, mean) milliseconds per `record_stage` of a new item's chunks; the mean
+    includes the merges the appends trigger."""
+    times = []
+    for chunk in range(n):
+        start = time.perf_counter()
+        store.record_stage("appended-item", "diffusion", chunk, "done", seconds=1.0, frames=4,
+                           cache_key="key")
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times), 1000 * statistics.mean(times)
+
+
+def time_done_chunks(store: Store, item_id: str, repeats: int = 20) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        store.done_chunks(item_id, "diffusion", "key")
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def bench_metadata(workdir: Path) -> list[tuple[str, float, str]]:
+    rows = []
+    for label, n_rows, n_items in (("1k", 1_000, 10), ("1M", ROWS, ITEMS)):
+        store = Store(workdir / f"metadata-{label}")
+        bulk_stage_rows(store, n_rows, n_items)
+        median, mean = time_appends(store)
+        rows.append((f"record_stage at {label} rows (median)", median, "ms"))
+        rows.append((f"record_stage at {label} rows (mean, merges included)", mean, "ms"))
+        rows.append((f"done_chunks at {label} rows (item with 100 rows)",
+                     time_done_chunks(store, "item-00001"), "ms"))
+        rows.append((f"done_chunks at {label} rows (item with {APPENDS} appended rows)",
+                     time_done_chunks(store, "appended-item"), "ms"))
+    return rows
+
+
+def bench_status(workdir: Path) -> list[tuple[str, float, str]]:
+    store = Store(workdir / "status")
+    start = time.perf_counter()
+    store.register_items([{"item_id": f"item-{i:05d}", "identity": f"id/{i}.mp4",
+                           "lip_ref": f"lip/{i}.mp4"} for i in range(ITEMS)])
+    registered = time.perf_counter() - start
+    bulk_stage_rows(store, ROWS, ITEMS)
+    for i in range(0, 50):
+        store.record_item(f"item-{i:05d}", "done", output=f"out/{i}.mp4")
+    store.record_failure("a b", "item_id 'a b' is not a valid id")
+    start = time.perf_counter()
+    records = store.status()
+    in_process = time.perf_counter() - start
+    assert len(records) == ITEMS + 1, len(records)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "status", "--json", str(store.root)],
+                          capture_output=True, text=True, env=env)
+    cli = time.perf_counter() - start
+    assert len(json.loads(done.stdout)) == ITEMS + 1, done.stderr[-2000:]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "flows.cli", "status", str(store.root)],
+                   capture_output=True, text=True, env=env)
+    cli_table = time.perf_counter() - start
+    return [
+        (f"register_items of {ITEMS} pending items (one append)", 1000 * registered, "ms"),
+        (f"Store.status() at {ITEMS} items / {ROWS} stage rows", in_process, "s"),
+        (f"freetalk status --json (subprocess) at {ITEMS} items / {ROWS} rows", cli, "s"),
+        (f"freetalk status (table, subprocess) at {ITEMS} items / {ROWS} rows", cli_table, "s"),
+    ]
+
+
+def bench_memory(workdir: Path) -> list[tuple[str, float, str]]:
+    """Peak RSS of a generate run of an 8 s and a 60 s pair: not part of this script yet."""
+    raise NotImplementedError("bench_memory: peak-RSS figures are not measured by this script yet")
+
+
+def bench_size(workdir: Path) -> list[tuple[str, float, str]]:
+    """Store bytes per output frame: not part of this script yet."""
+    raise NotImplementedError("bench_size: bytes-per-frame figures are not measured by this script yet")
+
+
+BENCHES = {"metadata": bench_metadata, "status": bench_status, "memory": bench_memory, "size": bench_size}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="metadata,status",
+                        help=f"comma-separated benches among {', '.join(BENCHES)}")
+    parser.add_argument("--dir", type=Path, default=None, help="scratch folder [a temporary one]")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        parser.error(f"unknown bench(es) {', '.join(unknown)}; choose among {', '.join(BENCHES)}")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        results = []
+        for name in names:
+            try:
+                results += BENCHES[name](Path(tmp) / name)
+            except NotImplementedError as exc:
+                print(f"{name}: {exc}", file=sys.stderr)
+    width = max([len(r[0]) for r in results] + [10])
+    print(f"{'measure':<{width}}  {'value':>10}  unit")
+    for measure, value, unit in results:
+        print(f"{measure:<{width}}  {value:>10.3f}  {unit}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
