@@ -1,7 +1,10 @@
 """How the store scales: metadata append and read costs at 1k and 1M stage rows, `freetalk
 status` at 10,000 items / 1,000,000 stage rows, and (sections below) memory and size.
 
-    python bench/store_scale.py [--only metadata,status] [--dir DIR]
+    python bench/store_scale.py [--only metadata,status,delta,memory,size] [--dir DIR]
+
+`delta` runs the same appends and per-item reads on a Delta Lake table (needs `deltalake`,
+which freetalk does not depend on).
 
 Each `bench_*` function returns rows of (measure, value, unit) for the printed table.
 """
@@ -126,6 +129,50 @@ def bench_status(workdir: Path) -> list[tuple[str, float, str]]:
     ]
 
 
+def bench_delta(workdir: Path) -> list[tuple[str, float, str]]:
+    """The same appends and per-item reads on a Delta Lake table (`deltalake`, if installed),
+    the maintained format the store's own layout was measured against."""
+    try:
+        from deltalake import DeltaTable, write_deltalake
+    except ImportError as exc:
+        raise NotImplementedError("bench_delta needs the deltalake package (pip install deltalake)") from exc
+    import pyarrow.compute as pc
+
+    def one_row(i: int) -> pa.Table:
+        return pa.Table.from_pylist([{"item_id": "appended-item", "stage": "diffusion", "chunk": i,
+                                      "status": "done", "seconds": 1.0, "frames": 4, "cache_key": "key",
+                                      "error": None, "finished_at": datetime.now(timezone.utc)}],
+                                    schema=STAGE_SCHEMA)
+
+    def appends(path: Path, start: int, n: int) -> float:
+        times = []
+        for i in range(start, start + n):
+            t = time.perf_counter()
+            write_deltalake(str(path), one_row(i), mode="append")
+            times.append(time.perf_counter() - t)
+        return 1000 * statistics.median(times)
+
+    def read_item(path: Path) -> float:
+        t = time.perf_counter()
+        DeltaTable(str(path)).to_pyarrow_dataset().to_table(filter=pc.field("item_id") == "item-00001")
+        return 1000 * (time.perf_counter() - t)
+
+    rows = []
+    for label, n_rows, n_items in (("1k", 1_000, 10), ("1M", ROWS, ITEMS)):
+        path = workdir / f"delta-{label}"
+        scratch = Store(workdir / f"scratch-{label}")
+        bulk_stage_rows(scratch, n_rows, n_items, pieces=1)
+        write_deltalake(str(path), scratch._read("stages"), mode="append")
+        rows.append((f"delta: append at {label} rows (median of {APPENDS} commits)",
+                     appends(path, 0, APPENDS), "ms"))
+        rows.append((f"delta: read one item at {label} rows after {APPENDS} commits", read_item(path), "ms"))
+        if label == "1k":
+            rows.append((f"delta: append at {label} rows, commits {APPENDS}-1000",
+                         appends(path, APPENDS, 1000 - APPENDS), "ms"))
+            rows.append((f"delta: read one item at {label} rows after 1000 commits", read_item(path), "ms"))
+    return rows
+
+
 def bench_memory(workdir: Path) -> list[tuple[str, float, str]]:
     """Peak RSS of a generate run of an 8 s and a 60 s pair: not part of this script yet."""
     raise NotImplementedError("bench_memory: peak-RSS figures are not measured by this script yet")
@@ -136,7 +183,8 @@ def bench_size(workdir: Path) -> list[tuple[str, float, str]]:
     raise NotImplementedError("bench_size: bytes-per-frame figures are not measured by this script yet")
 
 
-BENCHES = {"metadata": bench_metadata, "status": bench_status, "memory": bench_memory, "size": bench_size}
+BENCHES = {"metadata": bench_metadata, "status": bench_status, "delta": bench_delta,
+           "memory": bench_memory, "size": bench_size}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,8 +217,12 @@ class Store:
     def record_failure(self, item_id: str, reason: Any, **fields: Any) -> None:
         """Record any item id (one that `check_item_id` rejects included) as failed with a
         one-line reason. Meant for failure paths: it checks nothing that could raise."""
-        text = " ".join(str(reason).split()) or "failed"
-        self._record_item(str(item_id), "failed", {**fields, "error": text[:1000]})
+        text = (" ".join(str(reason).split()) or "failed")[:1000]
+        try:
+            self._record_item(str(item_id), "failed", {**_as_item_fields(fields), "error": text})
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):  # a field of the wrong type
+            self._tables["items"].append([{"item_id": str(item_id), "status": "failed", "error": text,
+                                           "updated_at": _now()}])
 
     def _record_item(self, item_id: str, status: str, fields: dict[str, Any]) -> None:
         previous = self._latest_item_row(item_id) or {}
@@ -229,7 +233,8 @@ class Store:
         if status == "running":
             if "run_id" not in fields:
                 row["run_id"] = self._current_run_id()
-            if "started_at" not in fields and previous.get("status") != "running":
+            if "started_at" not in fields and (previous.get("status") != "running"
+                                               or previous.get("run_id") != row["run_id"]):
                 row["started_at"] = now
         self._tables["items"].append([row])
 
@@ -243,7 +248,7 @@ class Store:
         for row in rows:
             item_id = str(row["item_id"])
             if item_id not in known and item_id not in new:
-                new[item_id] = {**row, "item_id": item_id, "status": "pending", "error": None,
+                new[item_id] = {**_as_item_fields(row), "item_id": item_id, "status": "pending", "error": None,
                                 "updated_at": now, "run_id": None, "started_at": None}
         self._tables["items"].append(list(new.values()))
         return list(new)
@@ -408,6 +413,16 @@ class Store:
                 "run_id": columns["run_id"][i],
             })
         return out
+
+
+def _as_item_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Item fields with text columns as text (paths, numbers from a manifest)."""
+    out = {}
+    for name, value in fields.items():
+        if name in ITEM_SCHEMA.names and value is not None and pa.types.is_string(ITEM_SCHEMA.field(name).type):
+            value = str(value)
+        out[name] = value
+    return out
 
 
 class _Heartbeat:

@@ -169,9 +169,10 @@ class Table:
             self.compact(bucket)
 
     # ------------------------------------------------------------------ merge
-    def compact(self, bucket: str) -> bool:
-        """Merge a bucket's fragments (and its segments, once there are many). Returns False
-        when another writer holds the bucket's lock."""
+    def compact(self, bucket: str, full: bool = False) -> bool:
+        """Merge a bucket's fragments (and its segments, once there are many, or with `full`:
+        everything into one segment of the current schema). Returns False when another writer
+        holds the bucket's lock."""
         folder = self.folder / bucket
         lock = folder / ".merge.lock"
         if not _acquire(lock):
@@ -181,8 +182,8 @@ class Table:
             live = [n for n in names if n not in replaced]
             parts = [n for n in live if n.startswith("part-")]
             segments = [n for n in live if n.startswith("seg-")]
-            inputs = parts + (segments if len(segments) + 1 >= MAX_SEGMENTS else [])
-            if len(inputs) >= 2:
+            inputs = parts + (segments if full or len(segments) + 1 >= MAX_SEGMENTS else [])
+            if len(inputs) >= 2 or (full and inputs):
                 data = self._read_files([folder / n for n in sorted(inputs)])
                 data = data.replace_schema_metadata({_INPUTS_KEY: json.dumps(sorted(inputs)).encode()})
                 _write_atomic(data, folder, f"seg-{_stem()}.parquet")
@@ -293,17 +294,13 @@ class Table:
                     _write_atomic(data.filter(mask), self.folder / bucket, f"part-{_stem()}.parquet")
                 _unlink(entry.path)
             touched.update(buckets)
-        for bucket in sorted(touched):
-            if self._count_parts(bucket) >= 2:
-                self.compact(bucket)
-
-    def _count_parts(self, bucket: str) -> int:
-        return sum(1 for e in os.scandir(self.folder / bucket) if e.name.startswith("part-"))
+        for bucket in sorted(touched):  # old fragments lack newer columns: rewrite them
+            self.compact(bucket, full=True)
 
 
 def _listing(folder: Path) -> tuple[list[str], set[str]]:
     """Parquet files of a bucket and the set of those some segment replaced."""
-    names = [e.name for e in os.scandir(folder) if e.name.endswith(".parquet") and not e.name.startswith(".")]
+    names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".parquet") and not e.name.startswith("."))
     replaced: set[str] = set()
     for name in names:
         if name.startswith("seg-"):

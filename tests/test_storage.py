@@ -300,8 +300,11 @@ def test_record_failure_takes_any_item_id(tmp_path):
     row = store.item("a b")
     assert row["status"] == "failed" and row["identity"] == "x.mp4"
     assert row["error"] == "item_id 'a b' is not valid: use letters"
-    store.record_failure("../../etc", ValueError("no"))
+    store.record_failure("../../etc", ValueError("no"), identity=tmp_path / "p.mp4")
     assert store.item("../../etc")["error"] == "no"
+    assert store.item("../../etc")["identity"] == str(tmp_path / "p.mp4")
+    store.record_failure(7, "bad manifest row", n_frames="many")  # a field of the wrong type
+    assert store.item("7")["status"] == "failed" and store.item("7")["error"] == "bad manifest row"
     assert not (tmp_path / "items").exists()
 
 
@@ -338,6 +341,8 @@ def test_a_store_of_the_old_layout_is_migrated(tmp_path):
     for table in ("items", "stages", "metrics"):
         assert all(p.is_dir() and p.name.startswith("bucket=") for p in (meta / table).iterdir())
     assert len(store._read("items")) == 2 and len(store._read("stages")) == 3
+    # rewritten with today's columns, so plain Parquet readers see one schema
+    assert ds.dataset(meta / "items", format="parquet").to_table().column_names == ITEM_SCHEMA.names
     store.record_item("old", "running")
     assert store.item("old")["identity"] == "a.mp4"
 
