@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import zarr
 
-from storage.tables import Table, latest_rows, pid_alive
+from storage.tables import Table, integer_codes, latest_positions, latest_rows, pid_alive
 
 STAGES = (
     "face_crop",
@@ -381,36 +381,45 @@ class Store:
     # --------------------------------------------------------------- status
     def status(self) -> list[dict[str, Any]]:
         """One record per item: item_id, state, stages_done (stages whose every recorded chunk
-        is done), stages_total, seconds (of done chunks), error, output, run_id. Computed with
-        vectorised group-bys, so it stays fast at millions of stage rows."""
+        is done), stages_total, seconds (of done chunks), error, output, run_id. The stage
+        counts come from integer codes and numpy sums over the latest stage rows, so this stays
+        fast at millions of rows."""
         items = self.table("items").sort_by("item_id")
         if items.num_rows == 0:
             return []
-        stages = self._tables["stages"].latest_all(["status", "seconds"])
-        done = pc.equal(stages["status"], "done")
-        stages = pa.table({
-            "item_id": stages["item_id"], "stage": stages["stage"],
-            "done": pc.cast(done, pa.int64()),
-            "done_seconds": pc.if_else(done, stages["seconds"], 0.0),
-        })
-        per_stage = stages.group_by(["item_id", "stage"]).aggregate(
-            [("done", "sum"), ("done", "count"), ("done_seconds", "sum")])
-        complete = pc.equal(per_stage["done_sum"], per_stage["done_count"])
-        per_stage = pa.table({"item_id": per_stage["item_id"],
-                              "complete": pc.cast(complete, pa.int64()),
-                              "seconds": per_stage["done_seconds_sum"]})
-        per_item = per_stage.group_by("item_id").aggregate([("complete", "sum"), ("seconds", "sum")])
-        joined = items.select(["item_id", "status", "error", "output", "run_id"]).join(
-            per_item, "item_id", join_type="left outer").sort_by("item_id")
+        stages = self._tables["stages"].read_all(["item_id", "stage", "chunk", "finished_at", "status", "seconds"],
+                                                 dictionary=True)
+        per_item: dict[str, tuple[int, float]] = {}
+        if stages.num_rows:
+            item_codes, n_items, item_names = integer_codes(stages["item_id"])
+            stage_codes, n_stages, _ = integer_codes(stages["stage"])
+            chunk_codes, n_chunks, _ = integer_codes(stages["chunk"])
+            latest = latest_positions(stages, ["item_id", "stage", "chunk"], "finished_at",
+                                      codes=[(item_codes, n_items), (stage_codes, n_stages), (chunk_codes, n_chunks)])
+            if latest is None:
+                latest = np.arange(stages.num_rows)  # not reached below 2**62 distinct keys
+            status_codes, _, status_names = integer_codes(stages["status"])
+            done_code = status_names.index("done") + 1 if "done" in status_names else -1
+            done = status_codes[latest] == done_code
+            seconds = pc.fill_null(stages["seconds"], 0.0).to_numpy(zero_copy_only=False)[latest]
+            group = item_codes[latest] * n_stages + stage_codes[latest]  # one (item, stage)
+            size = n_items * n_stages
+            chunks = np.bincount(group, minlength=size)
+            chunks_done = np.bincount(group, weights=done, minlength=size)
+            complete = (chunks > 0) & (chunks_done == chunks)
+            stages_done = complete.reshape(n_items, n_stages).sum(axis=1)
+            item_seconds = np.bincount(item_codes[latest], weights=np.where(done, seconds, 0.0),
+                                       minlength=n_items)
+            per_item = {name: (int(stages_done[code + 1]), float(item_seconds[code + 1]))
+                        for code, name in enumerate(item_names)}
         out = []
-        columns = joined.to_pydict()
+        columns = items.select(["item_id", "status", "error", "output", "run_id"]).to_pydict()
         for i, item_id in enumerate(columns["item_id"]):
+            n_done, secs = per_item.get(item_id, (0, 0.0))
             out.append({
                 "item_id": item_id, "state": columns["status"][i],
-                "stages_done": int(columns["complete_sum"][i] or 0), "stages_total": len(STAGES),
-                "seconds": round(float(columns["seconds_sum"][i] or 0.0), 3),
-                "error": columns["error"][i], "output": columns["output"][i],
-                "run_id": columns["run_id"][i],
+                "stages_done": n_done, "stages_total": len(STAGES), "seconds": round(secs, 3),
+                "error": columns["error"][i], "output": columns["output"][i], "run_id": columns["run_id"][i],
             })
         return out
 

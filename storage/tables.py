@@ -74,44 +74,63 @@ def _write_atomic(table: pa.Table, folder: Path, name: str) -> Path:
 
 
 def latest_rows(table: pa.Table, keys: list[str], order: str) -> pa.Table:
-    """The latest row (by `order`, ties by position) of every distinct `keys`: one stable
-    sort of integer codes of the keys, no Python loop over rows."""
+    """The latest row (by `order`, ties by position) of every distinct `keys`."""
     if table.num_rows <= 1:
         return table
+    positions = latest_positions(table, keys, order)
+    if positions is None:
+        return _latest_by_sort(table, keys, order)
+    return table.take(pa.array(positions))
+
+
+def latest_positions(table: pa.Table, keys: list[str], order: str,
+                     codes: list[np.ndarray] | None = None) -> np.ndarray | None:
+    """Positions of the latest row of every distinct `keys`: one stable sort of one integer
+    code per row, no Python loop over rows. `codes` are the keys' `integer_codes` when the
+    caller has them. None when the keys have too many distinct values for one integer."""
     code = np.zeros(table.num_rows, dtype=np.int64)
     span = 1
-    for k in keys:
-        codes, size = _integer_codes(table[k])
-        if span * size >= 2**62:  # too many distinct keys for one integer: sort on all codes
-            return _latest_by_sort(table, keys, order)
-        code = code * size + codes
+    for i, k in enumerate(keys):
+        values, size = codes[i] if codes is not None else integer_codes(table[k])[:2]
+        if span * size >= 2**62:
+            return None
+        code = code * size + values
         span *= size
-    when = _integer_codes(table[order], ordered=True)[0]
-    ordering = np.lexsort((when, code))
+    when = table[order].combine_chunks()
+    when = pc.fill_null(when.cast(pa.int64()) if pa.types.is_timestamp(when.type) else when, 0)
+    ordering = np.lexsort((when.to_numpy(zero_copy_only=False), code))
     sorted_code = code[ordering]
     last = np.ones(len(ordering), dtype=bool)
     last[:-1] = sorted_code[:-1] != sorted_code[1:]
-    return table.take(pa.array(ordering[last]))
+    return ordering[last]
 
 
-def _integer_codes(column: pa.ChunkedArray, ordered: bool = False) -> tuple[np.ndarray, int]:
-    """Non-negative integers, equal where the values are (nulls get 0), and the count of
-    distinct codes; with `ordered`, the codes keep the values' order."""
+def integer_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int, list | None]:
+    """(codes, number of codes, values of text codes): non-negative integers, equal where the
+    values are, 0 for nulls. Integers and times keep their order; text is numbered in order
+    of first appearance, and `values[code - 1]` is its text."""
+    if pa.types.is_dictionary(column.type):  # chunks of one dictionary (`read_all(dictionary=True)`)
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        if not chunks:
+            return np.zeros(0, dtype=np.int64), 1, []
+        indices = np.concatenate([pc.fill_null(c.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+                                  for c in chunks]) + 1
+        dictionary = chunks[0].dictionary
+        return indices, len(dictionary) + 1, dictionary.to_pylist()
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if pa.types.is_integer(array.type) or pa.types.is_timestamp(array.type) or ordered:
+    if pa.types.is_integer(array.type) or pa.types.is_timestamp(array.type):
         if pa.types.is_timestamp(array.type):
             array = array.cast(pa.int64())
-        values = pc.fill_null(array, pc.min(array)).to_numpy(zero_copy_only=False).astype(np.int64)
-        if values.size == 0:
-            return values, 1
-        low = values.min()
-        shifted = values - low + 1
+        if len(array) == 0:
+            return np.zeros(0, dtype=np.int64), 1, None
+        values = pc.fill_null(array, pc.min(array)).to_numpy(zero_copy_only=False)
+        shifted = values.astype(np.int64, copy=False) - values.min() + 1
         if array.null_count:
             shifted[np.asarray(array.is_null())] = 0
-        return shifted, int(shifted.max()) + 1
+        return shifted, int(shifted.max()) + 1, None
     encoded = pc.dictionary_encode(array)
-    indices = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
-    return indices, len(encoded.dictionary) + 1
+    indices = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False) + np.int64(1)
+    return indices, len(encoded.dictionary) + 1, encoded.dictionary.to_pylist()
 
 
 def _latest_by_sort(table: pa.Table, keys: list[str], order: str) -> pa.Table:
@@ -207,13 +226,15 @@ class Table:
                                    pc.field("item_id") == item_id)
         return table
 
-    def read_all(self, columns: list[str] | None = None) -> pa.Table:
-        """Every row of the table."""
+    def read_all(self, columns: list[str] | None = None, dictionary: bool = False) -> pa.Table:
+        """Every row of the table; with `dictionary`, text columns come dictionary-encoded,
+        one dictionary per column (cheaper to read and to group by)."""
         self._migrate()
         if not self.folder.is_dir():
             return self._empty(columns)
         folders = [Path(e.path) for e in os.scandir(self.folder) if e.is_dir() and e.name.startswith("bucket=")]
-        return self._read_buckets(folders, columns, None)
+        table = self._read_buckets(folders, columns, None, dictionary)
+        return table.unify_dictionaries() if dictionary else table
 
     def latest_item(self, item_id: str) -> pa.Table:
         return latest_rows(self.read_item(item_id), self.keys, self.order)
@@ -228,13 +249,21 @@ class Table:
         return table.select(columns) if columns is not None else table
 
     def _read_files(self, paths: list[Path], columns: list[str] | None = None,
-                    filter: Any = None) -> pa.Table:
+                    filter: Any = None, dictionary: bool = False) -> pa.Table:
+        schema, fmt = self.schema, "parquet"
+        if dictionary:
+            text = [f.name for f in self.schema if pa.types.is_string(f.type)]
+            schema = pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if f.name in text else f
+                                for f in self.schema])
+            fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=text))
         if not paths:
-            return self._empty(columns)
-        dataset = ds.dataset([str(p) for p in paths], schema=self.schema, format="parquet")
+            table = schema.empty_table()
+            return table.select(columns) if columns is not None else table
+        dataset = ds.dataset([str(p) for p in paths], schema=schema, format=fmt)
         return dataset.to_table(columns=columns, filter=filter)
 
-    def _read_buckets(self, folders: list[Path], columns: list[str] | None, filter: Any) -> pa.Table:
+    def _read_buckets(self, folders: list[Path], columns: list[str] | None, filter: Any,
+                      dictionary: bool = False) -> pa.Table:
         """Read the live files of some buckets. A listing can race a merge (a file renamed or
         deleted meanwhile): then the read starts again."""
         for _ in range(_READ_TRIES):
@@ -247,7 +276,7 @@ class Table:
                     names, replaced = _listing(folder)
                     before[folder] = set(names)
                     paths += [folder / n for n in names if n not in replaced]
-                table = self._read_files(paths, columns, filter)
+                table = self._read_files(paths, columns, filter, dictionary)
             except (FileNotFoundError, OSError):
                 time.sleep(0.01)
                 continue
