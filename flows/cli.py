@@ -116,7 +116,7 @@ def dataset(
 
 @app.command()
 def status(
-    store: Optional[Path] = typer.Argument(None, help="Store directory [$FREETALK_STORE or ./freetalk-store]."),
+    store: Optional[Path] = typer.Argument(None, help="Store [$FREETALK_STORE or ./freetalk-store]."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of per-item records."),
 ) -> None:
     """What is done, running, interrupted, pending and failed in STORE, from what is on disk.

@@ -22,7 +22,6 @@ import os
 import re
 import socket
 import threading
-import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -248,8 +247,8 @@ class Store:
         for row in rows:
             item_id = str(row["item_id"])
             if item_id not in known and item_id not in new:
-                new[item_id] = {**_as_item_fields(row), "item_id": item_id, "status": "pending", "error": None,
-                                "updated_at": now, "run_id": None, "started_at": None}
+                new[item_id] = {**_as_item_fields(row), "item_id": item_id, "status": "pending",
+                                "error": None, "updated_at": now, "run_id": None, "started_at": None}
         self._tables["items"].append(list(new.values()))
         return list(new)
 
@@ -387,15 +386,16 @@ class Store:
         items = self.table("items").sort_by("item_id")
         if items.num_rows == 0:
             return []
-        stages = self._tables["stages"].read_all(["item_id", "stage", "chunk", "finished_at", "status", "seconds"],
-                                                 dictionary=True)
+        columns = ["item_id", "stage", "chunk", "finished_at", "status", "seconds"]
+        stages = self._tables["stages"].read_all(columns, dictionary=True)
         per_item: dict[str, tuple[int, float]] = {}
         if stages.num_rows:
             item_codes, n_items, item_names = integer_codes(stages["item_id"])
             stage_codes, n_stages, _ = integer_codes(stages["stage"])
             chunk_codes, n_chunks, _ = integer_codes(stages["chunk"])
             latest = latest_positions(stages, ["item_id", "stage", "chunk"], "finished_at",
-                                      codes=[(item_codes, n_items), (stage_codes, n_stages), (chunk_codes, n_chunks)])
+                                      codes=[(item_codes, n_items), (stage_codes, n_stages),
+                                             (chunk_codes, n_chunks)])
             if latest is None:
                 latest = np.arange(stages.num_rows)  # not reached below 2**62 distinct keys
             status_codes, _, status_names = integer_codes(stages["status"])
@@ -428,8 +428,9 @@ def _as_item_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """Item fields with text columns as text (paths, numbers from a manifest)."""
     out = {}
     for name, value in fields.items():
-        if name in ITEM_SCHEMA.names and value is not None and pa.types.is_string(ITEM_SCHEMA.field(name).type):
-            value = str(value)
+        if name in ITEM_SCHEMA.names and value is not None:
+            if pa.types.is_string(ITEM_SCHEMA.field(name).type):
+                value = str(value)
         out[name] = value
     return out
 

@@ -232,7 +232,8 @@ class Table:
         self._migrate()
         if not self.folder.is_dir():
             return self._empty(columns)
-        folders = [Path(e.path) for e in os.scandir(self.folder) if e.is_dir() and e.name.startswith("bucket=")]
+        folders = [Path(e.path) for e in os.scandir(self.folder)
+                   if e.is_dir() and e.name.startswith("bucket=")]
         table = self._read_buckets(folders, columns, None, dictionary)
         return table.unify_dictionaries() if dictionary else table
 
@@ -329,7 +330,8 @@ class Table:
 
 def _listing(folder: Path) -> tuple[list[str], set[str]]:
     """Parquet files of a bucket and the set of those some segment replaced."""
-    names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".parquet") and not e.name.startswith("."))
+    names = sorted(e.name for e in os.scandir(folder)
+                   if e.name.endswith(".parquet") and not e.name.startswith("."))
     replaced: set[str] = set()
     for name in names:
         if name.startswith("seg-"):
