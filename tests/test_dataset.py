@@ -203,11 +203,9 @@ def test_failed_items_are_skipped_on_rerun_and_retried_with_retry_failed(prefect
 
 
 def _done_rows(store: Store) -> Counter:
-    from storage.store import ds  # every row ever written, not only the latest per key
-
-    folder = store.root / "metadata" / "stages"
-    table = ds.dataset(folder, format="parquet", ignore_prefixes=[".", "_"]).to_table().to_pylist()
-    return Counter((r["item_id"], r["stage"], r["chunk"]) for r in table if r["status"] == "done")
+    """Done rows per (item, stage, chunk), over every row ever written, not only the latest."""
+    rows = store._read("stages").to_pylist()
+    return Counter((r["item_id"], r["stage"], r["chunk"]) for r in rows if r["status"] == "done")
 
 
 def test_sigkill_of_the_whole_run_then_rerun_computes_nothing_twice(prefect_server, first_run, clips,
@@ -226,6 +224,8 @@ def test_sigkill_of_the_whole_run_then_rerun_computes_nothing_twice(prefect_serv
     os.killpg(process.pid, signal.SIGKILL)  # the CLI, the Dask scheduler and both workers
     process.communicate()
     killed_at = _done_rows(store)
+    states = {row["item_id"]: row["status"] for row in store.items()}
+    assert "running" not in states.values() and "interrupted" in states.values(), states
     reference = Store(first_run[0])
     assert 0 < len(killed_at) < sum(1 for key in _done_rows(reference) if key[0] in ITEMS[:3])
 
