@@ -14,7 +14,7 @@ import os
 import re
 import socket
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -74,25 +74,6 @@ def read_manifest(path: str | Path) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------ the store, with run records
-def record_failure(store: Store, item_id: str, reason: str, **fields: Any) -> None:
-    """Mark an item failed with a one-line reason; any id, even one the store would not take
-    as an item folder name."""
-    if hasattr(store, "record_failure"):
-        store.record_failure(item_id, reason, **fields)
-        return
-    try:
-        store.record_item(item_id, "failed", error=reason, **fields)
-    except ValueError:  # an id the store cannot hold: the failure still reaches the report
-        get_run_logger().warning("%s: not recorded in the store: %s", item_id, reason)
-
-
-def store_run(store: Store):
-    """The store's run record (heartbeat) around a dataset run; yields its run id, or None
-    where the store keeps no run records."""
-    return store.run("dataset") if hasattr(store, "run") else nullcontext(None)
-
-
 def run_fields(run_id: str | None) -> dict[str, str]:
     return {"run_id": run_id} if run_id is not None else {}
 
@@ -124,7 +105,7 @@ def item_failures(store: Store, item_id: str, **fields: Any) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        record_failure(store, item_id, one_line(exc), **fields)
+        store.record_failure(item_id, one_line(exc), **fields)
         get_run_logger().error("%s failed: %s", item_id, one_line(exc),
                                exc_info=not isinstance(exc, FreetalkError))
         raise
@@ -311,8 +292,7 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
                     filter_along_motion=filter_along_motion)
     rows = read_manifest(manifest)
     db = Store(store)
-    if hasattr(db, "register_items"):
-        db.register_items([row for row in rows if not _row_problem(row)])
+    db.register_items([row for row in rows if not _row_problem(row)])
     known = {r["item_id"]: r for r in db.items()}
     report = DatasetReport(Path(manifest).stem, [r["item_id"] for r in rows])
     results: dict[str, dict[str, Any]] = {}
@@ -324,13 +304,13 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
             logger.error("%s failed: %s", item_id, fields.get("error"))
 
     annotation = _gpu_annotation()
-    with store_run(db) as run_id:
+    with db.run("dataset") as run_id:
         submitted: dict[str, list] = {}
         for row in rows:
             item_id, current = row["item_id"], known.get(row["item_id"]) or {}
             problem = _row_problem(row)
             if problem:
-                record_failure(db, item_id, problem, **run_fields(run_id))
+                db.record_failure(item_id, problem, **run_fields(run_id))
                 settle(item_id, "failed", error=problem)
             elif current.get("status") == "done" and current.get("output") and Path(current["output"]).exists():
                 settle(item_id, "done", output=current["output"])
@@ -351,7 +331,7 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
             else:
                 error = (db.item(item_id) or {}).get("error") or outcome["error"]
                 if (db.item(item_id) or {}).get("status") != "failed":
-                    record_failure(db, item_id, error, **run_fields(run_id))
+                    db.record_failure(item_id, error, **run_fields(run_id))
                 settle(item_id, "failed", error=error)
     report.table()
     loads = worker_model_loads() if submitted else {}
