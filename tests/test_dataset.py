@@ -1,8 +1,8 @@
 """`freetalk dataset` on a Dask cluster of 2 workers against a real Prefect server: what the API
 shows, failure isolation, a SIGKILL and the resume, and `prefect deploy --all`.
 
-Clips are 10 frames (0.4 s) and diffusion runs 2 steps without guidance so that the four items,
-twice over, fit the test budget of a 2-core machine."""
+Clips are 10 frames (0.4 s) and diffusion runs 2 steps without guidance so that four items, and
+a killed and resumed run of two, fit the test budget of a 2-core machine."""
 
 import asyncio
 import os
@@ -20,7 +20,7 @@ from storage import STAGES, Store
 ROOT = Path(__file__).resolve().parents[1]
 ITEMS = [f"item-{i}" for i in range(4)]
 FRAMES = 10
-OPTIONS = ["--workers", "2", "--steps", "2", "--guidance", "1", "--batch-size", "5"]
+OPTIONS = ["--steps", "2", "--guidance", "1", "--batch-size", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def clips(tmp_path_factory, samples_dir):
         rows.append(f"{item},identity{i}.mp4,lip{i}.mp4")
     video.write_video(folder / "blank.mp4", iter(np.full((FRAMES, 128, 128, 3), 90, np.uint8)), 25.0)
     (folder / "garbage.mp4").write_bytes(b"this is not a video")
-    (folder / "good.csv").write_text("\n".join(rows[:4]) + "\n")  # three items for the SIGKILL test
+    (folder / "good.csv").write_text("\n".join(rows[:3]) + "\n")  # two items for the SIGKILL test
     full = folder / "manifest.csv"
     full.write_text("\n".join(rows + ["a b,identity0.mp4,lip0.mp4", "missing,nowhere.mp4,lip1.mp4",
                                       "no-face,blank.mp4,lip1.mp4", "garbage,garbage.mp4,lip1.mp4"]) + "\n")
@@ -65,9 +65,10 @@ def _env(api: str) -> dict:
     return env
 
 
-def _dataset(api, manifest, store, models, *extra, **popen):
+def _dataset(api, manifest, store, models, *extra, workers=2, **popen):
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "dataset", str(manifest), "--store", str(store),
-                             "--models", str(models), *OPTIONS, *extra], cwd=ROOT, env=_env(api),
+                             "--models", str(models), "--workers", str(workers), *OPTIONS, *extra],
+                            cwd=ROOT, env=_env(api),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -186,7 +187,8 @@ def test_failed_items_are_skipped_on_rerun_and_retried_with_retry_failed(prefect
     store = Store(first_run[0])
     rows_before = len(store.stage_rows())
     failed_at = store.item("missing")["updated_at"]
-    code, out, err = _finish(_dataset(prefect_server, clips / "manifest.csv", store.root, tiny_models))
+    code, out, err = _finish(_dataset(prefect_server, clips / "manifest.csv", store.root, tiny_models,
+                                      workers=1))
     assert code == 1
     lines = _failure_lines(err)
     assert len(lines) == 4 and all("failed before" in line and "--retry-failed" in line for line in lines[1:])
@@ -194,7 +196,7 @@ def test_failed_items_are_skipped_on_rerun_and_retried_with_retry_failed(prefect
     assert len(store.stage_rows()) == rows_before  # the done items did not run again
 
     code, out, err = _finish(_dataset(prefect_server, clips / "manifest.csv", store.root, tiny_models,
-                                      "--retry-failed"))
+                                      "--retry-failed", workers=1))
     assert code == 1
     lines = _failure_lines(err)
     assert len(lines) == 4 and "nowhere.mp4" in lines[2] and not any("failed before" in line for line in lines)
@@ -227,14 +229,14 @@ def test_sigkill_of_the_whole_run_then_rerun_computes_nothing_twice(prefect_serv
     states = {row["item_id"]: row["status"] for row in store.items()}
     assert "running" not in states.values() and "interrupted" in states.values(), states
     reference = Store(first_run[0])
-    assert 0 < len(killed_at) < sum(1 for key in _done_rows(reference) if key[0] in ITEMS[:3])
+    assert 0 < len(killed_at) < sum(1 for key in _done_rows(reference) if key[0] in ITEMS[:2])
 
     code, out, err = _finish(_dataset(prefect_server, clips / "good.csv", store_dir, tiny_models))
     assert code == 0, err[-3000:]
     done = _done_rows(store)
     assert max(done.values()) == 1, [k for k, n in done.items() if n > 1]  # no chunk computed twice
     assert {stage for _, stage, _ in done} == set(STAGES)
-    for item in ITEMS[:3]:
+    for item in ITEMS[:2]:
         assert store.item(item)["status"] == "done"
         assert Path(store.item(item)["output"]).read_bytes() == Path(reference.item(item)["output"]).read_bytes()
 
