@@ -16,6 +16,18 @@ models_app = typer.Typer(no_args_is_help=True, help="Set up and check model chec
 app.add_typer(models_app, name="models")
 
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs.")
+MARK = typer.Option(True, "--mark/--no-mark", help="Invisible watermark in every output (default). "
+                    "--no-mark is for research evaluation runs only; it is recorded in the store.")
+LABEL = typer.Option(None, "--label", help="Visible label drawn on every output frame, e.g. 'AI-generated'.")
+
+
+def marking_settings(mark: bool, label: Optional[str]) -> dict:
+    """Job settings for the marking options (only what differs from the defaults, so item
+    ids stay those of a default run); warns about --no-mark."""
+    if not mark:
+        typer.echo("warning: --no-mark: outputs carry no invisible watermark (the C2PA manifest "
+                   "is still embedded; the store records the run as unmarked)", err=True)
+    return {**({} if mark else {"mark": False}), **({"label": label} if label else {})}
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -48,6 +60,8 @@ def generate(
     filter_along_motion: bool = typer.Option(True, help="Noise Sensor: smooth each pixel along its motion "
                                              "(default) or in place."),
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
+    mark: bool = MARK,
+    label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
 ) -> None:
     """Make IDENTITY speak with the lip motion of LIP_REF."""
@@ -66,7 +80,8 @@ def generate(
         item_id, result = run_pair(identity, lip_ref, out, audio=audio, store=store_dir, models=models_dir,
                           steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                           device=device, kernel_size=kernel_size, flow_reference=flow_reference,
-                          filter_along_motion=filter_along_motion, show_progress=not verbose)
+                          filter_along_motion=filter_along_motion, show_progress=not verbose,
+                          **marking_settings(mark, label))
         if preview:
             from flows.preview import write_previews
 
@@ -84,6 +99,8 @@ def dataset(
     models: Optional[Path] = typer.Option(None, help="Models directory [$FREETALK_MODELS]."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Frames per diffusion batch [4 on CPU; from free memory on GPU]."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    mark: bool = MARK,
+    label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
 ) -> None:
     """Generate every pair of MANIFEST not already done; failures are recorded, the rest goes on."""
@@ -101,7 +118,8 @@ def dataset(
             raise_model_problems(models_dir, missing)
         with prefect_api(), store_settings(store_dir), StageBars():
             results = process_dataset(str(manifest), str(store_dir), str(models_dir),
-                                      batch_size=batch_size, device=device)
+                                      batch_size=batch_size, device=device,
+                                      **marking_settings(mark, label))
     except FreetalkError as exc:
         fail(str(exc))
     from storage import Store
@@ -195,8 +213,17 @@ def models_check(directory: Optional[Path] = typer.Argument(None, help="Models d
 
 @app.command()
 def verify(files: list[Path] = typer.Argument(..., help="Videos to check.")) -> None:
-    """Planned: tell whether a video carries freetalk's provenance manifest and watermark."""
-    fail("verify is not available yet: provenance manifests and watermarks are planned", 2)
+    """Is each video marked as made by freetalk? Reads the C2PA manifest and the watermark.
+
+    Exit status: 0 when every file is marked, 1 when one is not, 2 when one is unreadable."""
+    from freetalk_core import provenance
+
+    worst = 0
+    for path in files:
+        result = provenance.verify(path)
+        typer.echo(provenance.format_verification(result))
+        worst = max(worst, result.exit_code)
+    raise typer.Exit(worst)
 
 
 @app.command()

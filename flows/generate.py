@@ -67,7 +67,7 @@ def stage_keys(job: ItemJob) -> dict[str, str]:
         "optical_flow": {"reference": job.flow_reference},
         "noise_filter": {"kernel_size": job.kernel_size, "window": job.noise_window,
                          "along_motion": job.filter_along_motion,
-                         "audio": job.audio_sha256},
+                         "audio": job.audio_sha256, "mark": job.mark, "label": job.label},
     }
     upstream = {
         "face_crop": [], "fit_3dmm": ["face_crop"], "structure_render": ["face_crop", "fit_3dmm"],
@@ -110,8 +110,9 @@ def generate(job: ItemJob) -> str:
             get_run_logger().exception("item %s failed", job.item_id)
         raise
     output = store.output_path(job.item_id)
+    attrs = store.attrs(job.item_id, "noise_filter")
     store.record_item(job.item_id, "done", n_frames=crops.frames, output=str(output),
-                      output_sha256=store.attrs(job.item_id, "noise_filter")["output_sha256"])
+                      output_sha256=attrs["output_sha256"], watermark_id=attrs.get("watermark_id"))
     return str(output)
 
 
