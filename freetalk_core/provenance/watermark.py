@@ -2,7 +2,7 @@
 
 A frame is seen as its `GRID x GRID` grid of cell mean lumas, in frame-relative coordinates
 (so the mark survives scaling; cells are large, so it survives H.264 quantisation). Each of
-the `PAYLOAD_BITS` payload bits (freetalk tag, a 40-bit id, a CRC-8 of the id) owns one keyed
+the `PAYLOAD_BITS` payload bits (16-bit freetalk tag, 40-bit id, CRC-16 of the id) owns one keyed
 orthogonal pattern over the cells (a permuted Hadamard row, orthogonal to a global brightness
 change). To embed bit b, the projection of the frame's cells on its pattern is moved to the
 nearest point of the lattice `STEP * k + dither + b * STEP / 2`; the change is spread back
@@ -11,14 +11,15 @@ own projection, the picture does not interfere with detection (Chen and Wornell'
 
 Detection needs no original: each frame's projections give a soft vote per bit
 (`cos` of the distance to bit 0's lattice), votes are summed over frames, and the mark is
-found when the decoded tag and CRC match and the votes sit on the lattice (`confidence`:
-0 for an unmarked video, about 1 for a cleanly marked one).
+found when the decoded tag and CRC both match: 32 check bits, so an unmarked video reads as
+marked with probability 2**-32. `confidence` is the mean vote strength (1: every frame on the
+lattice; an unmarked video's moving content averages towards 0).
 """
 
 from __future__ import annotations
 
+import binascii
 import hashlib
-import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Iterator
@@ -35,7 +36,7 @@ TAG = 0xF7A1
 
 TAG_BITS = 16
 ID_BITS = 40
-CRC_BITS = 8
+CRC_BITS = 16
 PAYLOAD_BITS = TAG_BITS + ID_BITS + CRC_BITS
 
 STEP = 32.0
@@ -46,14 +47,14 @@ to flip a frame's vote."""
 EMBED_CORRECTIONS = 2
 """Re-measurements after the first embedding pass."""
 
+REPEAT = 1
+"""Patterns per payload bit (their votes add up)."""
+
 KEY = 20240417
 """Seed of the cell permutation, the pattern choice and the dithers."""
 
-UNMARKED_FIT = 2 / np.pi
-"""Mean |cos| of a uniformly distributed phase: what an unmarked frame's votes average."""
-
-MIN_CONFIDENCE = 0.3
-"""Confidence needed (with matching tag and CRC) to call a mark found."""
+MIN_CONFIDENCE = 0.2
+"""Vote strength needed, besides matching tag and CRC, to call a mark found."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Detection:
     watermark_id: str | None
     """The 40-bit id as 10 hex digits, when found."""
     confidence: float
-    """How well the votes sit on the lattice: 0 unmarked, about 1 cleanly marked."""
+    """Mean vote strength |sum of votes| / frames over the payload bits, 0..1."""
     tag_bit_errors: int
     frames_used: int
 
@@ -74,16 +75,17 @@ def watermark_id_for(item_id: str) -> str:
     return hashlib.sha256(item_id.encode()).hexdigest()[:ID_BITS // 4]
 
 
-def _crc8(value: int) -> int:
-    return zlib.crc32(value.to_bytes(ID_BITS // 8, "big")) & 0xFF
+def _crc16(value: int) -> int:
+    """CRC-16-CCITT of the id's bytes."""
+    return binascii.crc_hqx(value.to_bytes(ID_BITS // 8, "big"), 0)
 
 
 def payload_bits(watermark_id: str) -> np.ndarray:
-    """`(PAYLOAD_BITS,) uint8` in {0, 1}: tag, id, CRC-8 of the id, most significant first."""
+    """`(PAYLOAD_BITS,) uint8` in {0, 1}: tag, id, CRC-16 of the id, most significant first."""
     if len(watermark_id) != ID_BITS // 4:
         raise ValueError(f"watermark id must be {ID_BITS // 4} hex digits, got {watermark_id!r}")
     value = int(watermark_id, 16)
-    word = (TAG << (ID_BITS + CRC_BITS)) | (value << CRC_BITS) | _crc8(value)
+    word = (TAG << (ID_BITS + CRC_BITS)) | (value << CRC_BITS) | _crc16(value)
     return np.array([(word >> (PAYLOAD_BITS - 1 - i)) & 1 for i in range(PAYLOAD_BITS)], np.uint8)
 
 
@@ -95,24 +97,25 @@ def decode_bits(bits: np.ndarray) -> tuple[int, str | None]:
     tag = word >> (ID_BITS + CRC_BITS)
     value = (word >> CRC_BITS) & ((1 << ID_BITS) - 1)
     tag_errors = bin(tag ^ TAG).count("1")
-    if tag_errors or (word & 0xFF) != _crc8(value):
+    if tag_errors or (word & 0xFFFF) != _crc16(value):
         return tag_errors, None
     return 0, f"{value:0{ID_BITS // 4}x}"
 
 
 @lru_cache(maxsize=1)
 def _patterns() -> np.ndarray:
-    """`(PAYLOAD_BITS, GRID * GRID) float32` orthonormal patterns (no constant row)."""
+    """`(PAYLOAD_BITS * REPEAT, GRID * GRID) float32` orthonormal patterns (no constant row);
+    row `r * PAYLOAD_BITS + i` carries bit i."""
     rows = hadamard(GRID * GRID).astype(np.float32) / GRID
     rng = np.random.default_rng(KEY)
     cells = rng.permutation(GRID * GRID)
-    chosen = rng.permutation(np.arange(1, GRID * GRID))[:PAYLOAD_BITS]
+    chosen = rng.permutation(np.arange(1, GRID * GRID))[:PAYLOAD_BITS * REPEAT]
     return np.ascontiguousarray(rows[chosen][:, cells])
 
 
 @lru_cache(maxsize=1)
 def _dither() -> np.ndarray:
-    return np.random.default_rng(KEY + 1).uniform(0, STEP, PAYLOAD_BITS).astype(np.float32)
+    return np.random.default_rng(KEY + 1).uniform(0, STEP, PAYLOAD_BITS * REPEAT).astype(np.float32)
 
 
 def cell_means(frame: np.ndarray) -> np.ndarray:
@@ -122,8 +125,8 @@ def cell_means(frame: np.ndarray) -> np.ndarray:
 
 
 def _projection_change(cells: np.ndarray, bits: np.ndarray) -> np.ndarray:
-    """`(PAYLOAD_BITS,)`: how far each projection must move to reach its bit's lattice."""
-    target = _dither() + bits * (STEP / 2)
+    """`(PAYLOAD_BITS * REPEAT,)`: how far each projection must move to reach its bit's lattice."""
+    target = _dither() + np.tile(bits, REPEAT) * (STEP / 2)
     projection = _patterns() @ cells
     return target + STEP * np.round((projection - target) / STEP) - projection
 
@@ -161,9 +164,10 @@ def embed_frames(frames: Iterable[np.ndarray], watermark_id: str) -> Iterator[np
 
 
 def frame_votes(frame: np.ndarray) -> np.ndarray:
-    """`(PAYLOAD_BITS,) float32` soft votes of one frame: +1 for bit 0, -1 for bit 1."""
+    """`(PAYLOAD_BITS,) float32` soft votes of one frame: +1 for bit 0, -1 for bit 1 (each the
+    mean of its REPEAT patterns' votes)."""
     phase = (_patterns() @ cell_means(frame) - _dither()) * (2 * np.pi / STEP)
-    return np.cos(phase)
+    return np.cos(phase).reshape(REPEAT, PAYLOAD_BITS).mean(axis=0)
 
 
 def detect(frames: Iterable[np.ndarray]) -> Detection:
@@ -176,8 +180,7 @@ def detect(frames: Iterable[np.ndarray]) -> Detection:
         n += 1
     if n == 0:
         return Detection(False, None, 0.0, TAG_BITS, 0)
-    fit = float(np.mean(np.abs(votes)) / n)
-    confidence = max(0.0, (fit - UNMARKED_FIT) / (1 - UNMARKED_FIT))
+    confidence = float(np.mean(np.abs(votes)) / n)
     tag_errors, watermark_id = decode_bits((votes < 0).astype(np.uint8))
     found = watermark_id is not None and confidence >= MIN_CONFIDENCE
     return Detection(found, watermark_id if found else None, round(confidence, 3), tag_errors, n)
