@@ -226,7 +226,9 @@ def generated(tmp_path_factory, tiny_models, samples_dir):
     for name in ("SadTalker__WDA_KatieHill_000.mp4", "MimicTalk__May_5s.mp4"):
         frames = video.read_video(samples_dir / name, fps=25.0, max_frames=25)
         clips.append(video.write_video(folder / name, iter(frames), 25.0))
-    audio = samples_dir / "EDTalk__mouth_source.wav"
+    # 1 s of speech (the output lasts as long as the audio): a video file with an audio stream.
+    audio = video.write_video(folder / "speech.mp4", iter(frames[:25]), 25.0,
+                              audio=samples_dir / "EDTalk__mouth_source.wav")
     job = make_job(*clips, audio=audio, store=folder / "store", models=tiny_models, steps=2,
                    batch_size=4, chunk_frames=10, label="AI-generated")
     configure_environment()
