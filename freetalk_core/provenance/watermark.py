@@ -120,8 +120,11 @@ def _dither() -> np.ndarray:
 
 def cell_means(frame: np.ndarray) -> np.ndarray:
     """`(GRID * GRID,) float32` mean luma of each grid cell of an `(H, W, 3) uint8` RGB frame."""
-    luma = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
-    return cv2.resize(luma.astype(np.float32), (GRID, GRID), interpolation=cv2.INTER_AREA).ravel()
+    # Area-averaging the colour frame first is the same mean (luma is linear) and much cheaper
+    # than converting every pixel of a large frame.
+    small = cv2.resize(np.ascontiguousarray(frame), (GRID * 4, GRID * 4), interpolation=cv2.INTER_AREA)
+    luma = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    return cv2.resize(luma, (GRID, GRID), interpolation=cv2.INTER_AREA).ravel()
 
 
 def _projection_change(cells: np.ndarray, bits: np.ndarray) -> np.ndarray:
@@ -145,8 +148,12 @@ def embed(frame: np.ndarray, watermark_id: str) -> np.ndarray:
         realised = cv2.resize(_smooth_offset(offset), (GRID, GRID), interpolation=cv2.INTER_AREA).ravel()
         offset += _projection_change(cells + realised, bits) @ _patterns()
     h, w = frame.shape[:2]
-    full = cv2.resize(_smooth_offset(offset), (w, h), interpolation=cv2.INTER_LINEAR)
-    return cv2.add(frame, cv2.cvtColor(full, cv2.COLOR_GRAY2RGB), dtype=cv2.CV_8U)
+    # Scaled up as 8-bit levels around 128 (fast), straight to 3 values per pixel: the field
+    # is smooth, so the three samples per pixel are the same offset for R, G and B.
+    biased = np.clip(np.rint(_smooth_offset(offset)) + 128, 0, 255).astype(np.uint8)
+    full = cv2.resize(biased, (3 * w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, 3)
+    raised = cv2.add(frame, cv2.subtract(full, 128))
+    return cv2.subtract(raised, cv2.subtract(np.full_like(full, 128), full))
 
 
 def _smooth_offset(offset: np.ndarray) -> np.ndarray:
