@@ -1,0 +1,243 @@
+"""How the store scales: metadata append and read costs at 1k and 1M stage rows, `freetalk
+status` at 10,000 items / 1,000,000 stage rows, and (sections below) memory and size.
+
+    python bench/store_scale.py [--only metadata,status,delta,memory,size] [--dir DIR]
+
+`delta` runs the same appends and per-item reads on a Delta Lake table (needs `deltalake`,
+which freetalk does not depend on).
+
+Each `bench_*` function returns rows of (measure, value, unit) for the printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from storage import STAGES, Store  # noqa: E402
+from storage.store import STAGE_SCHEMA  # noqa: E402
+
+APPENDS = 200
+ITEMS = 10_000
+ROWS = 1_000_000
+
+
+def bulk_stage_rows(store: Store, n_rows: int, n_items: int, pieces: int = 40) -> None:
+    """`n_rows` done stage rows spread evenly over `n_items` items, written in `pieces` bulk
+    appends (so buckets hold fragments and segments, as after a long run)."""
+    per_item = max(1, n_rows // n_items)
+    j = np.tile(np.arange(per_item), n_items)
+    items = np.repeat(np.array([f"item-{i:05d}" for i in range(n_items)], dtype=object), per_item)
+    stage_names = np.array(STAGES, dtype=object)
+    n = len(j)
+    now = datetime.now(timezone.utc)
+    table = pa.table({
+        "item_id": pa.array(items, pa.string()),
+        "stage": pa.array(stage_names[j % len(STAGES)], pa.string()),
+        "chunk": pa.array(j // len(STAGES), pa.int64()),
+        "status": pa.array(np.full(n, "done", dtype=object), pa.string()),
+        "seconds": pa.array(np.full(n, 0.5)),
+        "frames": pa.array(np.full(n, 4, dtype=np.int64)),
+        "cache_key": pa.array(np.full(n, "key", dtype=object), pa.string()),
+        "error": pa.nulls(n, pa.string()),
+        "finished_at": pa.array(np.full(n, now), STAGE_SCHEMA.field("finished_at").type),
+    }, schema=STAGE_SCHEMA)
+    order = np.random.default_rng(0).permutation(n)  # rows of all items in every piece
+    for piece in np.array_split(order, pieces):
+        store._tables["stages"].append(table.take(pa.array(piece)))
+
+
+def time_appends(store: Store, n: int = APPENDS, first_chunk: int = 0) -> tuple[float, float, float]:
+    """Milliseconds per `record_stage` of a new item's chunks: median wall time, median CPU
+    time of this process, and mean wall time (which includes the merges the appends trigger)."""
+    times, cpu = [], []
+    for chunk in range(first_chunk, first_chunk + n):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        store.record_stage("appended-item", "diffusion", chunk, "done", seconds=1.0, frames=4,
+                           cache_key="key")
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return 1000 * statistics.median(times), 1000 * statistics.median(cpu), 1000 * statistics.mean(times)
+
+
+def time_done_chunks(store: Store, item_id: str, repeats: int = 20) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        store.done_chunks(item_id, "diffusion", "key")
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def bench_metadata(workdir: Path, rounds: int = 5) -> list[tuple[str, float, str]]:
+    """Appends to both tables in alternating rounds, so a busy machine slows both alike."""
+    sizes = (("1k", 1_000, 10), ("1M", ROWS, ITEMS))
+    stores = {}
+    for label, n_rows, n_items in sizes:
+        stores[label] = Store(workdir / f"metadata-{label}")
+        bulk_stage_rows(stores[label], n_rows, n_items)
+    timings: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _, _ in sizes}
+    per_round = APPENDS // rounds
+    for r in range(rounds):
+        for label, store in stores.items():
+            timings[label].append(time_appends(store, per_round, first_chunk=r * per_round))
+    rows = []
+    for label, store in stores.items():
+        rows.append((f"record_stage at {label} rows (median)",
+                     statistics.median(t[0] for t in timings[label]), "ms"))
+        rows.append((f"record_stage at {label} rows (median CPU time)",
+                     statistics.median(t[1] for t in timings[label]), "ms"))
+        rows.append((f"record_stage at {label} rows (mean, merges included)",
+                     statistics.mean(t[2] for t in timings[label]), "ms"))
+        rows.append((f"done_chunks at {label} rows (item with 100 rows)",
+                     time_done_chunks(store, "item-00001"), "ms"))
+        rows.append((f"done_chunks at {label} rows (item with {APPENDS} appended rows)",
+                     time_done_chunks(store, "appended-item"), "ms"))
+    return rows
+
+
+def bench_status(workdir: Path) -> list[tuple[str, float, str]]:
+    store = Store(workdir / "status")
+    start = time.perf_counter()
+    store.register_items([{"item_id": f"item-{i:05d}", "identity": f"id/{i}.mp4",
+                           "lip_ref": f"lip/{i}.mp4"} for i in range(ITEMS)])
+    registered = time.perf_counter() - start
+    bulk_stage_rows(store, ROWS, ITEMS)
+    for i in range(0, 50):
+        store.record_item(f"item-{i:05d}", "done", output=f"out/{i}.mp4")
+    store.record_failure("a b", "item_id 'a b' is not a valid id")
+
+    def timed(fn, repeats: int = 3) -> tuple[float, float]:
+        """Median wall seconds and median CPU seconds (this process and its children)."""
+        times, cpu = [], []
+        for _ in range(repeats):
+            before = _cpu_seconds()
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+            cpu.append(_cpu_seconds() - before)
+        return statistics.median(times), statistics.median(cpu)
+
+    records = store.status()
+    assert len(records) == ITEMS + 1, len(records)
+    in_process = timed(store.status)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    command = [sys.executable, "-m", "flows.cli", "status", str(store.root)]
+    done = subprocess.run(command + ["--json"], capture_output=True, text=True, env=env)
+    assert len(json.loads(done.stdout)) == ITEMS + 1, done.stderr[-2000:]
+    cli = timed(lambda: subprocess.run(command + ["--json"], capture_output=True, env=env))
+    cli_table = timed(lambda: subprocess.run(command, capture_output=True, env=env))
+    rows = [(f"register_items of {ITEMS} pending items (one append)", 1000 * registered, "ms")]
+    for label, (wall, cpu) in ((f"Store.status() at {ITEMS} items / {ROWS} stage rows", in_process),
+                               ("freetalk status --json (subprocess)", cli),
+                               ("freetalk status, table (subprocess)", cli_table)):
+        rows.append((f"{label}, median of 3", wall, "s"))
+        rows.append((f"{label}, CPU time", cpu, "s"))
+    return rows
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def bench_delta(workdir: Path) -> list[tuple[str, float, str]]:
+    """The same appends and per-item reads on a Delta Lake table (`deltalake`, if installed),
+    the maintained format the store's own layout was measured against."""
+    try:
+        from deltalake import DeltaTable, write_deltalake
+    except ImportError as exc:
+        raise NotImplementedError("bench_delta needs the deltalake package (pip install deltalake)") from exc
+    import pyarrow.compute as pc
+
+    def one_row(i: int) -> pa.Table:
+        return pa.Table.from_pylist([{"item_id": "appended-item", "stage": "diffusion", "chunk": i,
+                                      "status": "done", "seconds": 1.0, "frames": 4, "cache_key": "key",
+                                      "error": None, "finished_at": datetime.now(timezone.utc)}],
+                                    schema=STAGE_SCHEMA)
+
+    def appends(path: Path, start: int, n: int) -> float:
+        times = []
+        for i in range(start, start + n):
+            t = time.perf_counter()
+            write_deltalake(str(path), one_row(i), mode="append")
+            times.append(time.perf_counter() - t)
+        return 1000 * statistics.median(times)
+
+    def read_item(path: Path) -> float:
+        t = time.perf_counter()
+        DeltaTable(str(path)).to_pyarrow_dataset().to_table(filter=pc.field("item_id") == "item-00001")
+        return 1000 * (time.perf_counter() - t)
+
+    rows = []
+    for label, n_rows, n_items in (("1k", 1_000, 10), ("1M", ROWS, ITEMS)):
+        path = workdir / f"delta-{label}"
+        scratch = Store(workdir / f"scratch-{label}")
+        bulk_stage_rows(scratch, n_rows, n_items, pieces=1)
+        write_deltalake(str(path), scratch._read("stages"), mode="append")
+        rows.append((f"delta: append at {label} rows (median of {APPENDS} commits)",
+                     appends(path, 0, APPENDS), "ms"))
+        rows.append((f"delta: read one item at {label} rows after {APPENDS} commits", read_item(path), "ms"))
+        if label == "1k":
+            rows.append((f"delta: append at {label} rows, commits {APPENDS}-1000",
+                         appends(path, APPENDS, 1000 - APPENDS), "ms"))
+            rows.append((f"delta: read one item at {label} rows after 1000 commits", read_item(path), "ms"))
+    return rows
+
+
+def bench_memory(workdir: Path) -> list[tuple[str, float, str]]:
+    """Peak RSS of a generate run of an 8 s and a 60 s pair: not part of this script yet."""
+    raise NotImplementedError("bench_memory: peak-RSS figures are not measured by this script yet")
+
+
+def bench_size(workdir: Path) -> list[tuple[str, float, str]]:
+    """Store bytes per output frame: not part of this script yet."""
+    raise NotImplementedError("bench_size: bytes-per-frame figures are not measured by this script yet")
+
+
+BENCHES = {"metadata": bench_metadata, "status": bench_status, "delta": bench_delta,
+           "memory": bench_memory, "size": bench_size}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="metadata,status",
+                        help=f"comma-separated benches among {', '.join(BENCHES)}")
+    parser.add_argument("--dir", type=Path, default=None, help="scratch folder [a temporary one]")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        parser.error(f"unknown bench(es) {', '.join(unknown)}; choose among {', '.join(BENCHES)}")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        results = []
+        for name in names:
+            try:
+                results += BENCHES[name](Path(tmp) / name)
+            except NotImplementedError as exc:
+                print(f"{name}: {exc}", file=sys.stderr)
+    width = max([len(r[0]) for r in results] + [10])
+    print(f"{'measure':<{width}}  {'value':>10}  unit")
+    for measure, value, unit in results:
+        print(f"{measure:<{width}}  {value:>10.3f}  {unit}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
