@@ -16,6 +16,18 @@ models_app = typer.Typer(no_args_is_help=True, help="Set up and check model chec
 app.add_typer(models_app, name="models")
 
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs.")
+MARK = typer.Option(True, "--mark/--no-mark", help="Invisible watermark in every output (default). "
+                    "--no-mark is for research evaluation runs only; it is recorded in the store.")
+LABEL = typer.Option(None, "--label", help="Visible label drawn on every output frame, e.g. 'AI-generated'.")
+
+
+def marking_settings(mark: bool, label: Optional[str]) -> dict:
+    """Job settings for the marking options (only what differs from the defaults, so item
+    ids stay those of a default run); warns about --no-mark."""
+    if not mark:
+        typer.echo("warning: --no-mark: outputs carry no invisible watermark (the C2PA manifest "
+                   "is still embedded; the store records the run as unmarked)", err=True)
+    return {**({} if mark else {"mark": False}), **({"label": label} if label else {})}
 
 # Generation options shared by `generate` and `dataset`.
 Steps = Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")]
@@ -73,6 +85,8 @@ def generate(
     flow_reference: FlowReference = "structure",
     filter_along_motion: FilterAlongMotion = True,
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
+    mark: bool = MARK,
+    label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
 ) -> None:
     """Make IDENTITY speak with the lip motion of LIP_REF."""
@@ -85,7 +99,8 @@ def generate(
     try:
         models_dir = _models_dir(models)
         item_id, result = run_pair(identity, lip_ref, out, audio=audio, store=store_dir, models=models_dir,
-                                   show_progress=not verbose, **settings)
+                                   show_progress=not verbose, **settings,
+                                   **marking_settings(mark, label))
         if preview:
             from flows.preview import write_previews
 
@@ -116,6 +131,8 @@ def dataset(
     kernel_size: KernelSize = 5,
     flow_reference: FlowReference = "structure",
     filter_along_motion: FilterAlongMotion = True,
+    mark: bool = MARK,
+    label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
 ) -> None:
     """Generate every pair of MANIFEST not already done, across Dask workers; failures are
@@ -141,7 +158,7 @@ def dataset(
         run = process_dataset.with_options(task_runner=dataset_task_runner(workers, dask_address))
         with prefect_api(), store_settings(store_dir):
             results = run(str(manifest), str(store_dir), str(models_dir), retry_failed=retry_failed,
-                          keep=keep, **settings)
+                          keep=keep, **settings, **marking_settings(mark, label))
     except FreetalkError as exc:
         fail(str(exc))
     failed = sorted(k for k, v in results.items() if v["status"] != "done")
@@ -236,8 +253,17 @@ def models_check(directory: Optional[Path] = typer.Argument(None, help="Models d
 
 @app.command()
 def verify(files: list[Path] = typer.Argument(..., help="Videos to check.")) -> None:
-    """Planned: tell whether a video carries freetalk's provenance manifest and watermark."""
-    fail("verify is not available yet: provenance manifests and watermarks are planned", 2)
+    """Is each video marked as made by freetalk? Reads the C2PA manifest and the watermark.
+
+    Exit status: 0 when every file is marked, 1 when one is not, 2 when one is unreadable."""
+    from freetalk_core import provenance
+
+    worst = 0
+    for path in files:
+        result = provenance.verify(path)
+        typer.echo(provenance.format_verification(result))
+        worst = max(worst, result.exit_code)
+    raise typer.Exit(worst)
 
 
 @app.command()

@@ -82,7 +82,7 @@ def stage_keys(job: ItemJob) -> dict[str, str]:
         "optical_flow": {"reference": job.flow_reference},
         "noise_filter": {"kernel_size": job.kernel_size, "window": job.noise_window,
                          "along_motion": job.filter_along_motion,
-                         "audio": job.audio_sha256},
+                         "audio": job.audio_sha256, "mark": job.mark, "label": job.label},
     }
     keys: dict[str, str] = {}
     for stage, p in params.items():
@@ -132,8 +132,10 @@ def begin_item(store: Store, job: ItemJob, **fields) -> None:
 def complete_item(store: Store, job: ItemJob, refs: dict[str, StageRef], **fields) -> str:
     """Record the item done with its output. Returns the output's path in the store."""
     output = store.output_path(job.item_id)
+    attrs = store.attrs(job.item_id, "noise_filter")
     store.record_item(job.item_id, "done", n_frames=refs["face_crop"].frames, output=str(output),
-                      output_sha256=store.attrs(job.item_id, "noise_filter")["output_sha256"], **fields)
+                      output_sha256=attrs["output_sha256"], watermark_id=attrs.get("watermark_id"),
+                      **fields)
     return str(output)
 
 

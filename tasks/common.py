@@ -54,6 +54,10 @@ class ItemJob(BaseModel):
     batch_size: int | None = None
     chunk_frames: int = 25
     device: str = "auto"
+    mark: bool = True
+    """Invisible watermark in the output (off only for research evaluation runs)."""
+    label: str | None = None
+    """Visible label drawn on the output frames."""
 
     def open_store(self) -> Store:
         return Store(self.store)

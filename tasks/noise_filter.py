@@ -6,12 +6,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
 
 from freetalk_core import CROP_SIZE, video
 from freetalk_core import face_crop as fc
 from freetalk_core import noise_sensor as ns
 from storage import Store, sha256_file
+from tasks import provenance
 from tasks.common import STAGE_CACHE, ItemJob, StageRef, chunk_ranges, is_transient, progress, recorded_chunk
 
 STAGE = "noise_filter"
@@ -105,10 +106,16 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
             _save_png(report / "noise_pattern.png", ns.noise_pattern_heatmap(pattern))
             audio = job.audio or (job.lip_ref if video.has_audio(job.lip_ref) else None)
             output.parent.mkdir(parents=True, exist_ok=True)
-            video.write_video(output, pasted_frames(store, item, job.chunk_frames), job.fps,
-                              audio=audio)
+            # Provenance: label and watermark in the frames, metadata tags, signed C2PA manifest.
+            if not job.mark:
+                get_run_logger().warning("%s: --no-mark: the output carries no watermark", item)
+            video.write_video(output, provenance.marked_frames(pasted_frames(store, item, job.chunk_frames), job),
+                              job.fps, audio=audio, metadata=provenance.metadata_tags())
+            provenance.sign_output(output, job)
+            store.record_metrics(item, {"watermarked": float(job.mark)})
             store.set_attrs(item, STAGE, mnp=float(mnp), output=str(output),
-                            output_sha256=sha256_file(output))
+                            output_sha256=sha256_file(output), marked=job.mark,
+                            watermark_id=provenance.watermark_id(job), label=job.label)
     return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
 
 
