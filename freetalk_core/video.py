@@ -411,3 +411,21 @@ def write_video(path, frames: Iterable[np.ndarray], fps: float, audio=None, crf:
         for leftover in (video_tmp, muxed_tmp):
             leftover.unlink(missing_ok=True)
     return path
+
+
+def media_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's encoded media: every audio and video packet's bytes in order,
+    without the container's metadata (tags, a C2PA manifest). Two files with the same media
+    hash decode to the same frames and samples."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with av.open(str(path)) as container:
+            for packet in container.demux(*[s for s in container.streams if s.type in ("video", "audio")]):
+                if packet.size:
+                    digest.update(packet.stream.type.encode())
+                    digest.update(bytes(packet))
+    except av.error.FFmpegError as exc:
+        raise VideoReadError(f"cannot read {path}: {exc} (is it a video file?)") from None
+    return digest.hexdigest()

@@ -180,3 +180,16 @@ def test_write_video_output_has_ordinary_permissions(tmp_path):
     reference.touch()
     out = video.write_video(tmp_path / "out.mp4", _ramp_frames(3, 16, 16), fps=25)
     assert out.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
+
+
+def test_media_sha256_ignores_container_tags_but_not_frames(tmp_path):
+    from freetalk_core.video import media_sha256, write_video
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(5)]
+    plain = write_video(tmp_path / "plain.mp4", iter(frames), 25.0)
+    tagged = write_video(tmp_path / "tagged.mp4", iter(frames), 25.0, metadata={"comment": "synthetic"})
+    changed = write_video(tmp_path / "changed.mp4", iter(frames[:4] + [255 - frames[4]]), 25.0)
+    assert plain.read_bytes() != tagged.read_bytes()
+    assert media_sha256(plain) == media_sha256(tagged)
+    assert media_sha256(plain) != media_sha256(changed)
