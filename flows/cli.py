@@ -47,6 +47,8 @@ def generate(
                                        "structure (frames) or identity (video)."),
     filter_along_motion: bool = typer.Option(True, help="Noise Sensor: smooth each pixel along its motion "
                                              "(default) or in place."),
+    keep: str = typer.Option("all", help="What the store keeps of a done item: all (every stage's arrays) "
+                             "or final (output, stage rows, metrics)."),
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
     verbose: bool = VERBOSE,
 ) -> None:
@@ -60,13 +62,17 @@ def generate(
         fail(f"--kernel-size must be odd, got {kernel_size}", 2)
     if flow_reference not in ("structure", "identity"):
         fail(f"--flow-reference must be structure or identity, got {flow_reference!r}", 2)
+    if keep not in ("all", "final"):
+        fail(f"--keep must be all or final, got {keep!r}", 2)
+    if preview and keep == "final":
+        fail("--preview needs the stage arrays: use it with --keep all", 2)
     store_dir = resolve_store(store)
     try:
         models_dir = _models_dir(models)
         item_id, result = run_pair(identity, lip_ref, out, audio=audio, store=store_dir, models=models_dir,
                           steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                           device=device, kernel_size=kernel_size, flow_reference=flow_reference,
-                          filter_along_motion=filter_along_motion, show_progress=not verbose)
+                          filter_along_motion=filter_along_motion, keep=keep, show_progress=not verbose)
         if preview:
             from flows.preview import write_previews
 

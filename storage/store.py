@@ -135,13 +135,15 @@ class Store:
 
     def create_array(self, item_id: str, stage: str, name: str, shape: tuple[int, ...],
                      dtype: Any, chunk_frames: int | None = None) -> zarr.Array:
-        """An empty array chunked along the first (frame) axis, replacing any old one."""
+        """An empty array chunked along the first (frame) axis, replacing any old one,
+        compressed with the codec `array_compressors` picks for its dtype."""
         group = self.stage_group(item_id, stage)
         chunks = None
         if chunk_frames is not None and len(shape) > 0:
             chunks = (max(1, min(chunk_frames, shape[0])),) + tuple(shape[1:])
         return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks or "auto",
-                                  overwrite=True, fill_value=0)
+                                  overwrite=True, fill_value=0,
+                                  compressors=array_compressors(np.dtype(dtype)))
 
     def open_array(self, item_id: str, stage: str, name: str, shape: tuple[int, ...],
                    dtype: Any, chunk_frames: int | None = None) -> zarr.Array:
@@ -153,6 +155,15 @@ class Store:
             if tuple(array.shape) == tuple(shape) and np.dtype(array.dtype) == np.dtype(dtype):
                 return array
         return self.create_array(item_id, stage, name, shape, dtype, chunk_frames)
+
+    def drop_intermediates(self, item_id: str) -> None:
+        """Delete every stage array of an item (`keep="final"`): its output, report, stage
+        rows and metrics stay. Its stages then count as not done (`has_stage_group`)."""
+        path = self.item_path(item_id)
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
 
     def write_array(self, item_id: str, stage: str, name: str, data: np.ndarray,
                     chunk_frames: int | None = None) -> zarr.Array:
@@ -259,6 +270,17 @@ class Store:
             if item_id is None or row["item_id"] == item_id:
                 out.setdefault(row["item_id"], {})[row["metric"]] = row["value"]
         return out
+
+
+def array_compressors(dtype: np.dtype) -> tuple:
+    """Codec of a stage array, chosen by measurement on a sample pair (bench/store_scale.py
+    `bench_codecs`): Blosc zstd with byte shuffle for multi-byte data (flows, embeddings,
+    landmarks), Blosc zstd without shuffle for bytes (crops, frames, masks)."""
+    from zarr.codecs import BloscCodec
+
+    if dtype.itemsize > 1:
+        return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),)
+    return (BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle"),)
 
 
 def check_item_id(item_id: str) -> str:

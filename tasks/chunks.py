@@ -61,7 +61,9 @@ class StageRun:
         if done and not self._outputs_exist(outputs):
             done = set()
         self.done = done
-        self._fresh = not done
+        if not done:
+            # Nothing of this stage is done under this key: arrays of any other key go.
+            self.store.stage_group(self.item, stage, reset=True)
         self.computed = 0
         self.cached = 0
         self.warnings: list[str] = []
@@ -100,12 +102,6 @@ class StageRun:
         self.warnings.append(message)
 
     # ------------------------------------------------------------------ work
-    def _begin_unit(self) -> None:
-        if self._fresh:
-            # Nothing of this stage is done under this key: arrays of any other key go.
-            self.store.stage_group(self.item, self.stage, reset=True)
-            self._fresh = False
-
     def _progress(self) -> None:
         progress.update(self.item, self.stage, self._units_done, max(len(self.units), 1))
 
@@ -114,7 +110,6 @@ class StageRun:
             self.cached += 1
             self._units_done += 1
             return None
-        self._begin_unit()
         self._progress()
         with recorded_chunk(self.store, self.item, self.stage, unit, self.key, frames=frames):
             result = body()
@@ -152,7 +147,6 @@ class StageRun:
                 inputs = upcoming.result() if read else None
                 if read and i + 1 < len(todo):
                     upcoming = reader.submit(read, *todo[i + 1][1:])
-                self._begin_unit()
                 self._progress()
                 with recorded_chunk(self.store, self.item, self.stage, chunk, self.key,
                                     frames=stop - start):
