@@ -6,8 +6,8 @@ A stage's units of work are its chunks `0..n-1` (`chunk_ranges(frames, job.chunk
 optionally preceded by a whole-clip `SETUP` unit (chunk -1: e.g. tracking, the clip's shape
 fit, the controller's anchor) and followed by a whole-clip `FINISH` unit (chunk -2: e.g.
 encoding the output). The store's stage rows are the only record of what is done: a unit
-counts as done when its latest row under the stage key says so and the stage's output arrays
-exist (dropped intermediates, `keep="final"`, make their stage count as not done).
+counts as done when its latest row under the stage key says so and the stage's Zarr group
+exists (`keep="final"` drops the groups of a done item: its stages then count as not done).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from tasks.common import ItemJob, chunk_ranges, progress, recorded_chunk
 
@@ -44,7 +44,7 @@ class StageRun:
     """
 
     def __init__(self, job: ItemJob, stage: str, key: str, frames: int | None, *,
-                 setup: bool = False, finish: bool = False, outputs: Iterable[str] = (),
+                 setup: bool = False, finish: bool = False,
                  chunks: list[tuple[int, int]] | None = None):
         self.job, self.stage, self.key = job, stage, key
         self.item = job.item_id
@@ -58,8 +58,8 @@ class StageRun:
         elif frames is not None:
             self.chunks = chunk_ranges(frames, job.chunk_frames) if frames else []
         done = self.store.done_chunks(self.item, stage, key)
-        if done and not self._outputs_exist(outputs):
-            done = set()
+        if done and not self.store.has_stage_group(self.item, stage):
+            done = set()  # its arrays were dropped (keep="final"): its rows no longer hold
         self.done = done
         if not done:
             # Nothing of this stage is done under this key: arrays of any other key go.
@@ -71,15 +71,6 @@ class StageRun:
         self._units_done = 0
 
     # ---------------------------------------------------------------- state
-    def _outputs_exist(self, outputs: Iterable[str]) -> bool:
-        outputs = list(outputs)
-        if not outputs:
-            return True
-        if not self.store.has_stage_group(self.item, self.stage):
-            return False
-        group = self.store.stage_group(self.item, self.stage)
-        return all(name in group for name in outputs)
-
     def set_frames(self, frames: int) -> None:
         self.frames = frames
         if not self._explicit_chunks:
