@@ -134,19 +134,26 @@ class Store:
         return (path / stage / "zarr.json").exists()
 
     def create_array(self, item_id: str, stage: str, name: str, shape: tuple[int, ...],
-                     dtype: Any, chunk_frames: int | None = None) -> zarr.Array:
+                     dtype: Any, chunk_frames: int | None = None, tile: int | None = None) -> zarr.Array:
         """An empty array chunked along the first (frame) axis, replacing any old one,
-        compressed with the codec `array_compressors` picks for its dtype."""
+        compressed with the codec `array_compressors` picks for its dtype.
+
+        `tile` (for `(T, H, W, ...)` frames that hold data in part of the frame only, zero
+        elsewhere): each chunk of frames is one file (a Zarr shard) of `tile x tile` pieces,
+        and pieces that are all zero are not stored at all."""
         group = self.stage_group(item_id, stage)
-        chunks = None
+        chunks, shards = None, None
         if chunk_frames is not None and len(shape) > 0:
             chunks = (max(1, min(chunk_frames, shape[0])),) + tuple(shape[1:])
+            if tile is not None and len(shape) >= 3:
+                shards = chunks
+                chunks = (chunks[0], min(tile, shape[1]), min(tile, shape[2])) + tuple(shape[3:])
         return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks or "auto",
-                                  overwrite=True, fill_value=0,
+                                  shards=shards, overwrite=True, fill_value=0,
                                   compressors=array_compressors(np.dtype(dtype)))
 
     def open_array(self, item_id: str, stage: str, name: str, shape: tuple[int, ...],
-                   dtype: Any, chunk_frames: int | None = None) -> zarr.Array:
+                   dtype: Any, chunk_frames: int | None = None, tile: int | None = None) -> zarr.Array:
         """Like `create_array`, but keeps an existing array of the same shape and dtype, so a
         stage that resumes keeps its finished chunks."""
         group = self.stage_group(item_id, stage)
@@ -154,7 +161,7 @@ class Store:
             array = group[name]
             if tuple(array.shape) == tuple(shape) and np.dtype(array.dtype) == np.dtype(dtype):
                 return array
-        return self.create_array(item_id, stage, name, shape, dtype, chunk_frames)
+        return self.create_array(item_id, stage, name, shape, dtype, chunk_frames, tile)
 
     def drop_intermediates(self, item_id: str) -> None:
         """Delete every stage array of an item (`keep="final"`): its output, report, stage

@@ -9,6 +9,7 @@ from prefect import task
 from freetalk_core import CROP_SIZE
 from freetalk_core import diffusion as dm
 from tasks.chunks import StageRun
+from tasks.face_crop import MASK_TILE, mouth_box_frames
 from tasks.common import STAGE_TASK, ItemJob, StageRef, mask_weights, resolve_device
 
 STAGE = "diffusion"
@@ -17,7 +18,8 @@ STAGE = "diffusion"
 @task(name="diffusion", **STAGE_TASK)
 def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
               controlled: StageRef) -> StageRef:
-    """`diffusion/frames (T, 512, 512, 3) uint8`: generated crops."""
+    """`diffusion/frames (T, 512, 512, 3) uint8`: generated crops inside the mouth box
+    (`face_crop` attrs `box`), 0 outside it."""
     item, n = job.item_id, controlled.frames
     run = StageRun(job, STAGE, key, n)
     if run.complete:
@@ -35,17 +37,19 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
     id_crops = store.array(item, "face_crop", "identity_crops")
     masks = store.array(item, "face_crop", "mouth_masks")
     adjusted = store.array(item, "controller", "embeddings")
-    out = store.open_array(item, STAGE, "frames", (n, CROP_SIZE, CROP_SIZE, 3), np.uint8, job.chunk_frames)
+    box = store.attrs(item, "face_crop")["box"]
+    out = store.open_array(item, STAGE, "frames", (n, CROP_SIZE, CROP_SIZE, 3), np.uint8, job.chunk_frames,
+                           tile=MASK_TILE)
 
     def read(start, stop):
         return id_crops[start:stop], mask_weights(masks[start:stop]), adjusted[start:stop].astype(np.float32)
 
     def compute(start, stop, inputs):
         frames, chunk_masks, embeddings_in = inputs
-        out[start:stop] = dm.generate_in_batches(
+        out[start:stop] = mouth_box_frames(dm.generate_in_batches(
             pipe, frames, chunk_masks, embeddings_in, negative, identity, noise,
             batch_size=job.batch_size, steps=job.steps, guidance=job.guidance,
-            ip_scale=job.ip_adapter_scale)
+            ip_scale=job.ip_adapter_scale), box)
 
     run.run_chunks(compute, read)
     run.close()

@@ -15,10 +15,33 @@ from prefect import task
 
 from freetalk_core import CROP_SIZE, video
 from freetalk_core import face_crop as fc
+from freetalk_core import flow
 from tasks.chunks import StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, mask_values
 
 STAGE = "face_crop"
+MASK_TILE = 64
+"""Side of the stored pieces of frames that hold data in the mouth box only (`mouth_box_frames`)."""
+
+
+def mouth_box(masks, margin: int = flow.DEFAULT_BOX_MARGIN) -> tuple[int, int, int, int]:
+    """`(x0, y0, x1, y1)` around every frame's mask of `masks (T, H, W)` (read 64 frames at a
+    time), plus `margin` pixels; the whole crop when every mask is empty."""
+    union = np.zeros(masks.shape[1:], dtype=bool)
+    for start in range(0, masks.shape[0], 64):
+        union |= (masks[start:start + 64] > 0).any(axis=0)
+    box = flow.mouth_box(union, margin)
+    return box if box is not None else (0, 0, int(masks.shape[2]), int(masks.shape[1]))
+
+
+def mouth_box_frames(frames: np.ndarray, box) -> np.ndarray:
+    """`frames (T, H, W, 3)` with everything outside the mouth `box` set to 0. Nothing reads
+    generated or filtered crops outside the box (the mouth mask lies inside it), and arrays
+    created with `tile=MASK_TILE` do not store the all-zero pieces."""
+    x0, y0, x1, y1 = box
+    out = np.zeros_like(frames)
+    out[:, y0:y1, x0:x1] = frames[:, y0:y1, x0:x1]
+    return out
 
 
 def _track(path: str, job: ItemJob, detector) -> tuple[np.ndarray, ...]:
@@ -93,8 +116,9 @@ def _setup(job: ItemJob, run: StageRun) -> None:
 @task(name="face_crop", **STAGE_TASK)
 def face_crop(job: ItemJob, key: str) -> StageRef:
     """Crops `(T, 512, 512, 3) uint8`, landmarks, transforms and `mouth_masks (T, 512, 512)
-    uint8` (weight * 255) for every output frame."""
-    run = StageRun(job, STAGE, key, None, setup=True)
+    uint8` (weight * 255) for every output frame; then (`FINISH`) the mouth `box` around every
+    mask, `(x0, y0, x1, y1)` crop px."""
+    run = StageRun(job, STAGE, key, None, setup=True, finish=True)
     store, item = run.store, job.item_id
     run.setup(lambda: _setup(job, run))
     attrs = store.attrs(item, STAGE)
@@ -136,5 +160,6 @@ def face_crop(job: ItemJob, key: str) -> StageRef:
             else mask_values(fc.mouth_mask(id_crop_lm[t], CROP_SIZE)) for t in range(start, stop)])
 
     run.run_chunks(compute, read)
+    run.finish(lambda: store.set_attrs(item, STAGE, box=list(mouth_box(masks))))
     run.close()
     return StageRef(item_id=item, stage=STAGE, key=key, frames=n_frames)

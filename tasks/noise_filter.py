@@ -21,7 +21,8 @@ from freetalk_core import noise_sensor as ns
 from storage import Store, sha256_file
 from tasks.chunks import FINISH, StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges, mask_weights
-from tasks.face_crop import SourceFrames
+from tasks.face_crop import MASK_TILE, SourceFrames
+from tasks.optical_flow import read_flows
 
 STAGE = "noise_filter"
 
@@ -29,7 +30,7 @@ STAGE = "noise_filter"
 def _flow_reader(store: Store, item: str):
     g = store.array(item, "optical_flow", "generated_flow")
     r = store.array(item, "optical_flow", "reference_flow")
-    return lambda start, stop: (g[start:stop], r[start:stop])
+    return lambda start, stop: (read_flows(g, start, stop), read_flows(r, start, stop))
 
 
 def statistics_window(job: ItemJob, n_flows: int) -> int:
@@ -58,8 +59,8 @@ def pasted_frames(store: Store, job: ItemJob):
 def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
                  flows: StageRef) -> StageRef:
     """`noise_pattern (512, 512) float32` (for a clip longer than `noise_window` flow fields,
-    the mean of its per-frame sliding-window patterns), filtered `frames`, MNP, and the
-    output MP4."""
+    the mean of its per-frame sliding-window patterns), filtered `frames` (the mouth box, 0
+    outside it, like `diffusion/frames`), MNP, and the output MP4."""
     item, n = job.item_id, generated.frames
     run = StageRun(job, STAGE, key, n, setup=True, finish=True)
     store = run.store
@@ -93,7 +94,7 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
         shift = (store.read(item, STAGE, "flow_mean_generated"), store.read(item, STAGE, "flow_mean_reference"))
     diffused = store.array(item, "diffusion", "frames")
     masks = store.array(item, "face_crop", "mouth_masks")
-    out = store.open_array(item, STAGE, "frames", diffused.shape, np.uint8, job.chunk_frames)
+    out = store.open_array(item, STAGE, "frames", diffused.shape, np.uint8, job.chunk_frames, tile=MASK_TILE)
     half = job.kernel_size // 2
 
     def read_chunk(start, stop):

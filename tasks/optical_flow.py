@@ -11,23 +11,20 @@ from tasks.chunks import StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges
 
 STAGE = "optical_flow"
-BOX_MARGIN = 16
-FLOW_DTYPE = np.float16
-"""Stored flow fields: float16 keeps 1/1000 of the displacement (0.01 px at 10 px) and
-halves the bytes; the Noise Sensor reads them back as float32."""
+FLOW_STEP = 1.0 / 64
+"""Stored flow fields are int16 multiples of this (px): 1/64 px resolution, +-512 px range
+(more than a crop). Quantised, the smooth fields compress far better than float16 (10x on the
+sample pair, bench/store_scale.py); the Noise Sensor reads them back as float32 (`read_flows`)."""
 
 
-def mouth_box(masks, margin: int = BOX_MARGIN) -> tuple[int, int, int, int]:
-    """`(x0, y0, x1, y1)` around every frame's mouth mask, plus `margin` pixels."""
-    union = np.zeros(masks.shape[1:], dtype=bool)
-    for start in range(0, masks.shape[0], 64):
-        union |= (masks[start:start + 64] > 0).any(axis=0)
-    if not union.any():
-        return 0, 0, int(masks.shape[2]), int(masks.shape[1])
-    ys, xs = np.nonzero(union)
-    h, w = union.shape
-    return (max(0, int(xs.min()) - margin), max(0, int(ys.min()) - margin),
-            min(w, int(xs.max()) + 1 + margin), min(h, int(ys.max()) + 1 + margin))
+def flow_values(flow_field: np.ndarray) -> np.ndarray:
+    """`(..., 2)` float px -> the stored int16."""
+    return np.clip(np.rint(np.asarray(flow_field) / FLOW_STEP), -32768, 32767).astype(np.int16)
+
+
+def read_flows(array, start: int | None = None, stop: int | None = None) -> np.ndarray:
+    """Stored flow fields `[start, stop)` as `(n, h, w, 2) float32` px."""
+    return np.asarray(array[start:stop], dtype=np.float32) * np.float32(FLOW_STEP)
 
 
 def reference_frames(store: Store, job: ItemJob):
@@ -43,7 +40,7 @@ def reference_frames(store: Store, job: ItemJob):
 def optical_flow(job: ItemJob, key: str, crops: StageRef, structure: StageRef,
                  generated: StageRef) -> StageRef:
     """The mouth `box` (the `SETUP` unit), then `generated_flow`, `reference_flow`
-    `(T-1, h, w, 2) float16` inside it, a chunk of flow fields at a time."""
+    `(T-1, h, w, 2) int16` (multiples of `FLOW_STEP` px) inside it, a chunk of flow fields at a time."""
     item, n = job.item_id, generated.frames
     pairs = max(0, n - 1)
     run = StageRun(job, STAGE, key, n, setup=True, chunks=chunk_ranges(pairs, job.chunk_frames) if pairs else [])
@@ -52,12 +49,12 @@ def optical_flow(job: ItemJob, key: str, crops: StageRef, structure: StageRef,
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
     store = run.store
     run.setup(lambda: store.set_attrs(item, STAGE, reference=job.flow_reference,
-                                      box=list(mouth_box(store.array(item, "face_crop", "mouth_masks")))))
+                                      box=store.attrs(item, "face_crop")["box"]))
     x0, y0, x1, y1 = store.attrs(item, STAGE)["box"]
     shape = (pairs, y1 - y0, x1 - x0, 2)
     sources = {"generated_flow": store.array(item, "diffusion", "frames"),
                "reference_flow": reference_frames(store, job)}
-    outputs = {name: store.open_array(item, STAGE, name, shape, FLOW_DTYPE, job.chunk_frames)
+    outputs = {name: store.open_array(item, STAGE, name, shape, np.int16, job.chunk_frames)
                for name in sources}
 
     def read(start, stop):
@@ -66,7 +63,7 @@ def optical_flow(job: ItemJob, key: str, crops: StageRef, structure: StageRef,
 
     def compute(start, stop, frames):
         for name, block in frames.items():
-            outputs[name][start:stop] = flow.optical_flow(block).astype(FLOW_DTYPE)
+            outputs[name][start:stop] = flow_values(flow.optical_flow(block))
 
     run.run_chunks(compute, read)
     run.close()

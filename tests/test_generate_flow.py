@@ -12,6 +12,7 @@ import pytest
 
 from storage import STAGES, Store
 from tasks.common import mask_weights
+from tasks.optical_flow import read_flows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,8 +218,8 @@ def test_noise_filter_stage_uses_a_sliding_window_and_equals_the_whole_clip_filt
     store = Store(job.store)
     item = job.item_id
     x0, y0, x1, y1 = store.attrs(item, "optical_flow")["box"]
-    g = store.read(item, "optical_flow", "generated_flow")
-    r = store.read(item, "optical_flow", "reference_flow")
+    g = read_flows(store.array(item, "optical_flow", "generated_flow"))
+    r = read_flows(store.array(item, "optical_flow", "reference_flow"))
     per_frame = ns.noise_pattern_sequence(g, r, 8)
     # 24 flow fields, windows of 8: a local estimate per frame, not one for the clip
     assert not np.allclose(per_frame[0], per_frame[-1])
