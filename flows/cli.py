@@ -95,7 +95,7 @@ def dataset(
     """Generate every pair of MANIFEST not already done; failures are recorded, the rest goes on."""
     configure_environment(verbose)
     from flows.dataset import process_dataset
-    from flows.runtime import store_settings
+    from flows.runtime import prefect_api, store_settings
     from freetalk_core.errors import FreetalkError
     from freetalk_core.models import describe_models
 
@@ -105,7 +105,7 @@ def dataset(
         missing = [f"missing {e.path}" for e in describe_models(models_dir) if not e.present]
         if missing:
             raise_model_problems(models_dir, missing)
-        with store_settings(store_dir), StageBars():
+        with prefect_api(), store_settings(store_dir), StageBars():
             results = process_dataset(str(manifest), str(store_dir), str(models_dir),
                                       batch_size=batch_size, device=device)
     except FreetalkError as exc:
@@ -121,33 +121,36 @@ def dataset(
 
 
 @app.command()
-def status(store: Optional[Path] = typer.Argument(None, help="Store directory.")) -> None:
-    """What is done, running, pending and failed in STORE, from what is on disk."""
-    from rich.console import Console
-    from rich.table import Table
+def status(
+    store: Optional[Path] = typer.Argument(None, help="Store [$FREETALK_STORE or ./freetalk-store]."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of per-item records."),
+) -> None:
+    """What is done, running, interrupted, pending and failed in STORE, from what is on disk.
+    Exit status 1 when an item failed."""
+    import json
 
     from storage import Store
 
     s = Store(resolve_store(store))
-    items = s.items()
-    if not items:
-        typer.echo(f"{s.root}: no items")
-        return
-    rows = s.stage_rows()
-    table = Table(title=str(s.root))
-    for col in ("item", "status", "frames", "stages done", "seconds", "error / output"):
-        table.add_column(col)
+    records = s.status()
     counts: dict[str, int] = {}
-    for item in items:
-        counts[item["status"]] = counts.get(item["status"], 0) + 1
-        mine = [r for r in rows if r["item_id"] == item["item_id"]]
-        stages = sorted({r["stage"] for r in mine if r["status"] == "done"})
-        seconds = sum(r["seconds"] for r in mine if r["status"] == "done")
-        table.add_row(item["item_id"], item["status"], str(item["n_frames"] or ""),
-                      f"{len(stages)}/8", f"{seconds:.1f}",
-                      item["error"] or item["output"] or "")
-    Console().print(table)
-    typer.echo(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    for record in records:
+        counts[record["state"]] = counts.get(record["state"], 0) + 1
+    if as_json:
+        typer.echo(json.dumps(records))
+    elif not records:
+        typer.echo(f"{s.root}: no items")
+    else:
+        header = ("item", "state", "stages", "seconds", "error / output")
+        lines = [(r["item_id"], r["state"], f"{r['stages_done']}/{r['stages_total']}", f"{r['seconds']:.1f}",
+                  r["error"] or r["output"] or "") for r in records]
+        widths = [max(len(header[i]), max(len(line[i]) for line in lines)) for i in range(4)]
+        out = [str(s.root)]
+        for line in [header, *lines]:
+            out.append("  ".join([line[0].ljust(widths[0]), line[1].ljust(widths[1]),
+                                  line[2].rjust(widths[2]), line[3].rjust(widths[3]), line[4]]).rstrip())
+        typer.echo("\n".join(out))
+        typer.echo(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     if counts.get("failed"):
         raise typer.Exit(1)
 

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 DEFAULT_STORE = "./freetalk-store"
+API_STARTUP_SECONDS = 600
+"""How long a run waits for the local Prefect API it starts. A fresh `PREFECT_HOME` first
+creates and migrates its database (about 30 s on a 2-core CPU, minutes on a busy one)."""
 
 
 def configure_environment(verbose: bool = False) -> None:
@@ -43,6 +52,119 @@ def store_settings(store: Path) -> Iterator[None]:
     results.mkdir(parents=True, exist_ok=True)
     with temporary_settings(updates={"results.local_storage_path": str(results)}):
         yield
+
+
+@contextmanager
+def prefect_api(*, announce: bool = True) -> Iterator[str]:
+    """The one Prefect API a run and all its worker processes talk to; yields its URL.
+
+    `$PREFECT_API_URL` when set (checked to answer); otherwise one local `prefect server
+    start` on a free loopback port, started for the run and ready before the flow begins
+    (its UI shows the run), stopped after it. The URL is put in the environment for the
+    duration, so Dask workers and other child processes use this server instead of each
+    starting a temporary one."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from freetalk_core.errors import FreetalkError
+
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        if not _api_healthy(url, timeout=10.0):
+            raise FreetalkError(f"the Prefect API at PREFECT_API_URL={url} does not answer; start it "
+                                f"(`prefect server start`) or unset PREFECT_API_URL to use a local one")
+        yield url
+        return
+
+    if announce:
+        print("freetalk: starting a local Prefect server for this run (a new Prefect home first "
+              "prepares its database, about 30 s)...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    server, url = _start_local_server()
+    if announce:
+        print(f"freetalk: Prefect server ready in {time.perf_counter() - started:.0f} s; "
+              f"UI at {url.removesuffix('/api')}", file=sys.stderr, flush=True)
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _start_local_server() -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on a free loopback port, once it answers; raises a one-line
+    `FreetalkError` when it exits or does not answer within `API_STARTUP_SECONDS`."""
+    from prefect.settings import PREFECT_HOME
+
+    from freetalk_core.errors import FreetalkError
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log_path = home / "freetalk-server.log"
+    log_start = log_path.stat().st_size if log_path.exists() else 0
+    env = {**os.environ, "PREFECT_UI_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    with open(log_path, "ab") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "WARNING"],
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_stop_with_parent)
+    deadline = time.monotonic() + API_STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise FreetalkError(f"the local Prefect server exited with code {server.returncode} "
+                                f"before answering ({_failure_reason(log_path, log_start)}); see {log_path}")
+        if _api_healthy(url, timeout=2.0):
+            return server, url
+        time.sleep(0.25)
+    server.kill()
+    server.wait()
+    raise FreetalkError(f"the local Prefect server did not answer within {API_STARTUP_SECONDS} s; "
+                        f"see {log_path}, or run `prefect server start` yourself and set "
+                        f"PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop_with_parent() -> None:
+    """In the server's process: receive SIGTERM when the process that started it dies, so
+    a killed run never leaves its server behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _failure_reason(path: Path, start: int) -> str:
+    """The last exception line the server logged since `start`, else its last line."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return (errors or lines or ["no output"])[-1][:200]
+
+
+def _api_healthy(url: str, timeout: float) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url.rstrip('/')}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 class StageBars:
@@ -88,7 +210,7 @@ def run_pair(identity: Path, lip_ref: Path, out: Path, *, audio: Optional[Path],
     if missing:
         raise_model_problems(models, missing)
     job = make_job(identity, lip_ref, audio=audio, store=store, models=models, **settings)
-    with store_settings(store):
+    with prefect_api(), store_settings(store):
         if show_progress:
             with StageBars():
                 return job.item_id, generate_to(job, out)

@@ -5,15 +5,27 @@ Blur Detection (CPBD)", IEEE Trans. Image Processing 20(9), 2011, as in the auth
 release (CPBD_compute.m): higher is sharper, in [0, 1].
 
 1. Vertical Sobel edges (MATLAB `edge(I, 'sobel', [], 'vertical')`: threshold 4 x the mean
-   squared response, thinned to local maxima along x) are where edge widths are measured;
-   Canny edges decide which 64 x 64 blocks are edge blocks (more than 0.2% edge pixels).
-2. Edge width (Marziliano et al.): along the row, from the edge pixel to the local intensity
-   extrema on both sides, for edges whose gradient direction rounds to 0 or 180 degrees.
-3. Per edge block, the just-noticeable-blur width is 5 pixels when the block's contrast
+   squared response, thinned to local maxima along x; a run of equal maxima keeps its leftmost
+   pixel) are where edge widths are measured; Canny edges only decide which 64 x 64 blocks are
+   edge blocks (more than 0.2% edge pixels).
+2. The two detectors may put one edge one column apart: where an edge has two equal gradient
+   maxima, floating-point rounding inside Canny picks either, and the pixel can fall on
+   either side of a block border. So an edge block also takes the Sobel edges of the column
+   just outside it where that column belongs to no edge block (a neighbouring non-edge block,
+   or the part of the image that no whole block covers). Each Sobel edge counts at most once,
+   and a sharp edge stays sharp wherever the two detectors place it. Inside blocks this is
+   the release's rule unchanged.
+3. Edge width (Marziliano et al.): along the row, from the edge pixel to the local intensity
+   extrema on both sides, for edges whose gradient direction rounds to 0 or 180 degrees; each
+   walk stops at the first step that is flat or turns back, for rising and falling edges
+   alike (the release's strict comparisons).
+4. Per edge block, the just-noticeable-blur width is 5 pixels when the block's contrast
    (max - min) is <= 50 grey levels, otherwise 3; an edge of width w is detected as blurred
-   with probability P = 1 - exp(-|w / w_JNB|^3.6).
-4. CPBD is the fraction of edges with P <= 63% (the release's 101-bin histogram: round(100 P)
-   <= 62).
+   with probability P = 1 - exp(-|w / w_JNB|^3.6). The block's contrast applies to the edges
+   it takes from the column outside it.
+5. CPBD is the fraction of edges not detected as blurred, P <= P_JNB = 63%: the release's
+   101-bin histogram summed over its first 64 bins, round(100 P) <= 63, so an edge exactly as
+   wide as w_JNB (P = 1 - 1/e = 63.2%) counts as sharp.
 """
 
 from __future__ import annotations
@@ -44,7 +56,11 @@ def _grey(image: np.ndarray) -> np.ndarray:
 
 
 def sobel_vertical_edges(grey: np.ndarray) -> np.ndarray:
-    """MATLAB-style thinned vertical Sobel edges. `(H, W)` float -> `(H, W)` bool."""
+    """MATLAB-style thinned vertical Sobel edges. `(H, W)` float -> `(H, W)` bool.
+
+    A pixel is kept where its squared response passes the cutoff, is greater than its left
+    neighbour's and not less than its right neighbour's: a run of equal maxima along a row
+    (an integer step's two columns) yields exactly one pixel, its leftmost."""
     kernel = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=np.float64) / 8.0
     bx = np.abs(ndimage.correlate(grey, kernel, mode="nearest"))
     b = bx * bx
@@ -97,7 +113,7 @@ def edge_widths(grey: np.ndarray, edges: np.ndarray) -> np.ndarray:
     rising_right = _runs((d > 0) & valid, reverse=False)    # A keeps increasing to the right
     rising_left = _runs((d > 0) & valid, reverse=True)      # A keeps decreasing to the left
     falling_left = _runs((d < 0) & valid, reverse=True)     # A keeps increasing to the left
-    falling_right = _runs((d <= 0) & valid, reverse=False)  # A keeps not increasing to the right
+    falling_right = _runs((d < 0) & valid, reverse=False)   # A keeps decreasing to the right
 
     def at(runs: np.ndarray, shift: int) -> np.ndarray:
         out = np.zeros_like(runs)
@@ -119,6 +135,42 @@ def edge_widths(grey: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return widths
 
 
+def edge_blocks(canny_map: np.ndarray) -> np.ndarray:
+    """Which whole 64 x 64 blocks are edge blocks. `(H, W)` bool -> `(H // 64, W // 64)` bool."""
+    rows, cols = canny_map.shape[0] // BLOCK_SIZE, canny_map.shape[1] // BLOCK_SIZE
+    counts = canny_map[:rows * BLOCK_SIZE, :cols * BLOCK_SIZE].reshape(
+        rows, BLOCK_SIZE, cols, BLOCK_SIZE).sum(axis=(1, 3))
+    return counts > BLOCK_SIZE * BLOCK_SIZE * EDGE_BLOCK_FRACTION
+
+
+def cpbd_from_edges(grey: np.ndarray, sobel_edges: np.ndarray, canny_map: np.ndarray) -> float:
+    """CPBD of `grey` `(H, W)` float with given Sobel edges (where widths are measured) and
+    Canny edges (which pick the edge blocks), both `(H, W)` bool; see the module docstring."""
+    widths = edge_widths(grey, sobel_edges)
+    blocks = edge_blocks(canny_map)
+    w = grey.shape[1]
+    probabilities = []
+    for r, c in zip(*np.nonzero(blocks)):
+        y, x = r * BLOCK_SIZE, c * BLOCK_SIZE
+        # the column just outside, where no edge block holds it (module docstring, step 2)
+        x0 = x - 1 if c > 0 and not blocks[r, c - 1] else x
+        x1 = x + BLOCK_SIZE
+        if x1 < w and (c + 1 == blocks.shape[1] or not blocks[r, c + 1]):
+            x1 += 1
+        local = widths[y:y + BLOCK_SIZE, x0:x1]
+        local = local[local > 0]
+        block = grey[y:y + BLOCK_SIZE, x:x + BLOCK_SIZE]
+        contrast = block.max() - block.min()
+        jnb = WIDTH_JNB_LOW_CONTRAST if contrast <= JNB_CONTRAST_LIMIT else WIDTH_JNB_HIGH_CONTRAST
+        probabilities.append(1.0 - np.exp(-np.abs(local / jnb) ** BETA))
+    if not probabilities:
+        return 0.0
+    p = np.concatenate(probabilities)
+    if p.size == 0:
+        return 0.0
+    return float(np.mean(np.floor(p * 100 + 0.5) <= 63))
+
+
 def cpbd(image: np.ndarray) -> float:
     """CPBD sharpness of one image.
 
@@ -130,23 +182,4 @@ def cpbd(image: np.ndarray) -> float:
         float in [0, 1], higher is sharper; 0.0 when there is no edge block.
     """
     grey = _grey(image)
-    widths = edge_widths(grey, sobel_vertical_edges(grey))
-    canny_map = canny_edges(grey)
-    h, w = grey.shape
-    probabilities = []
-    for y in range(0, h - BLOCK_SIZE + 1, BLOCK_SIZE):
-        for x in range(0, w - BLOCK_SIZE + 1, BLOCK_SIZE):
-            block = np.s_[y:y + BLOCK_SIZE, x:x + BLOCK_SIZE]
-            if canny_map[block].sum() <= BLOCK_SIZE * BLOCK_SIZE * EDGE_BLOCK_FRACTION:
-                continue
-            local = widths[block]
-            local = local[local > 0]
-            contrast = grey[block].max() - grey[block].min()
-            jnb = WIDTH_JNB_LOW_CONTRAST if contrast <= JNB_CONTRAST_LIMIT else WIDTH_JNB_HIGH_CONTRAST
-            probabilities.append(1.0 - np.exp(-np.abs(local / jnb) ** BETA))
-    if not probabilities:
-        return 0.0
-    p = np.concatenate(probabilities)
-    if p.size == 0:
-        return 0.0
-    return float(np.mean(np.floor(p * 100 + 0.5) <= 62))
+    return cpbd_from_edges(grey, sobel_vertical_edges(grey), canny_edges(grey))

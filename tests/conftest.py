@@ -1,7 +1,11 @@
 import os
+import tempfile
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The test session's own Prefect home, empty like a new user's: nothing is read from or
+# written to the developer's ~/.prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="freetalk-test-prefect-")
 
 from pathlib import Path
 
@@ -28,3 +32,13 @@ def samples_dir(shared_dir) -> Path:
 @pytest.fixture(scope="session")
 def eos_dir(shared_dir) -> Path:
     return shared_dir / "models" / "eos"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    """One local Prefect API for the whole session, started the way every command starts
+    it (tests that run the command line in subprocesses inherit its URL)."""
+    from flows.runtime import prefect_api
+
+    with prefect_api(announce=False) as url:
+        yield url

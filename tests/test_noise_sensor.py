@@ -257,20 +257,117 @@ def test_cpbd_sharp_edges_score_higher_than_blurred(samples_dir):
     assert sharp > soft > blurred >= 0.0
 
 
-def test_cpbd_step_edge_widths():
+def _step_image(position, width=192, height=128, low=0.0, high=200.0):
+    """`(height, width)` float64: a vertical step from `low` to `high` at x = `position` (px,
+    pixel x covering [x - 0.5, x + 0.5]), anti-aliased by area coverage."""
+    coverage = np.clip(np.arange(width) + 0.5 - position, 0.0, 1.0)
+    return np.repeat((low + (high - low) * coverage)[None], height, axis=0)
+
+
+def test_cpbd_integer_step_tie_pins_edge_column():
+    """An integer step has two equal Sobel maxima (columns 63 and 64): the thinning keeps
+    exactly the left one, its Marziliano width is 2 and the step scores 1.0."""
     from freetalk_core.cpbd import cpbd, edge_widths, sobel_vertical_edges
 
-    image = np.zeros((128, 128), np.float64)
-    image[:, 64:] = 200.0
+    image = _step_image(63.5, width=128)
+    assert (image[:, :64] == 0).all() and (image[:, 64:] == 200).all()
     edges = sobel_vertical_edges(image)
-    assert edges[10:-10, 63].all() and edges[10:-10].sum() == edges[10:-10, 63].sum()
-    # a one-pixel step: one pixel up to the maximum, one down to the minimum (Marziliano)
-    np.testing.assert_array_equal(edge_widths(image, edges)[10:-10, 63], 2.0)
-    ramp = np.clip((np.arange(128) - 58) * 20.0, 0, 200)[None].repeat(128, axis=0)
-    ramp_widths = edge_widths(ramp, sobel_vertical_edges(ramp))
-    assert ramp_widths[10:-10].max() >= 9  # the 10-pixel ramp is a wide (blurred) edge
+    assert edges[:, 63].all() and edges.sum() == image.shape[0]
+    widths = edge_widths(image, edges)
+    np.testing.assert_array_equal(widths[1:-1, 63], 2.0)
+    assert (widths[:, :63] == 0).all() and (widths[:, 64:] == 0).all()
     assert cpbd(image.astype(np.uint8)) == 1.0
-    assert cpbd(ramp.astype(np.uint8)) == 0.0
+
+
+def test_cpbd_falling_step_width_stops_at_the_flat():
+    """A falling integer step followed by flat grey has the rising step's width, 2 (the walk
+    to the right stops at the first flat step)."""
+    from freetalk_core.cpbd import cpbd, edge_widths, sobel_vertical_edges
+
+    image = _step_image(63.5, width=128, low=200.0, high=0.0)
+    widths = edge_widths(image, sobel_vertical_edges(image))
+    np.testing.assert_array_equal(widths[1:-1, 63], 2.0)
+    assert cpbd(image.astype(np.uint8)) == 1.0
+
+
+def test_cpbd_edge_as_wide_as_jnb_counts_as_sharp():
+    """A high-contrast edge 3 pixels wide (w_JNB for contrast > 50) has P = 1 - 1/e = 63.2%:
+    the release counts it in its first 64 histogram bins, as not blurred."""
+    from freetalk_core.cpbd import cpbd, edge_widths, sobel_vertical_edges
+
+    image = np.zeros((128, 192))
+    image[:, 91], image[:, 92], image[:, 93:] = 67.0, 133.0, 200.0
+    widths = edge_widths(image, sobel_vertical_edges(image))
+    assert set(np.unique(widths[1:-1])) == {0.0, 3.0}
+    assert cpbd(image) == 1.0
+
+
+@pytest.mark.parametrize("sobel_column", [63, 64])
+@pytest.mark.parametrize("canny_columns", [(63,), (64,), (63, 64)])
+def test_cpbd_counts_a_sharp_edge_wherever_the_detectors_put_it(sobel_column, canny_columns):
+    """A sharp step on the border of two blocks plus a blurred ramp in a third block: each
+    edge counts once, whichever block each detector puts the step in (0.5 = 1 sharp : 1
+    blurred edge per row)."""
+    from freetalk_core.cpbd import cpbd_from_edges
+
+    image = _step_image(63.5)
+    image[:, 140:160] = np.linspace(200.0, 0.0, 20)  # a 20-pixel ramp down: blurred
+    image[:, 160:] = 0.0
+    sobel = np.zeros(image.shape, bool)
+    canny = np.zeros(image.shape, bool)
+    sobel[:, sobel_column] = canny[:, 150] = sobel[:, 150] = True
+    for column in canny_columns:
+        canny[:, column] = True
+    assert cpbd_from_edges(image, sobel, canny) == 0.5
+
+
+@pytest.mark.parametrize("offset", [(k + 0.5) / 8 for k in range(8)])
+def test_cpbd_subpixel_step_sharper_than_blurred(offset):
+    """A rising or falling step anywhere between columns 63 and 64 (across a block border,
+    never an exact tie) is sharp; its Gaussian-blurred copy scores lower."""
+    from scipy import ndimage
+
+    from freetalk_core.cpbd import cpbd
+
+    for image in (_step_image(63.0 + offset), _step_image(63.0 + offset, low=200.0, high=0.0)):
+        sharp = cpbd(image)
+        blurred = cpbd(ndimage.gaussian_filter1d(image, 2.0, axis=1))
+        assert sharp >= 0.9
+        assert blurred < sharp
+
+
+def test_cpbd_same_with_one_thread_and_default(samples_dir, tmp_path):
+    """Sample face crops score the same in-process and in fresh processes with
+    OMP_NUM_THREADS=1 and with it unset."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import freetalk_core
+    from freetalk_core.cpbd import cpbd
+
+    av = pytest.importorskip("av")
+    with av.open(str(samples_dir / "MimicTalk__May_5s.mp4")) as container:
+        frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    h, w = frame.shape[:2]
+    crops = np.stack([frame[:200, :200], frame[h // 2 - 63:h // 2 + 137, w // 2 - 95:w // 2 + 105]])
+    np.save(tmp_path / "crops.npy", crops)
+    expected = [cpbd(c) for c in crops]
+    assert all(0.0 < v < 1.0 for v in expected)
+    script = ("import json, sys, numpy as np; from freetalk_core.cpbd import cpbd; "
+              "print(json.dumps([cpbd(c) for c in np.load(sys.argv[1])]))")
+    root = str(Path(freetalk_core.__file__).resolve().parents[1])
+    for threads in ("1", None):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = threads
+        result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "crops.npy")],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == expected, f"OMP_NUM_THREADS={threads}"
 
 
 def _textured_clip(shifts, blur=0.0, gamma=1.0, size=96, seed=11):
