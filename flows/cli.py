@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
-from flows.runtime import StageBars, configure_environment, raise_model_problems, resolve_store, run_pair
+from flows.runtime import configure_environment, raise_model_problems, resolve_store, run_pair
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tuning-free talking-face generation.")
@@ -16,6 +16,45 @@ models_app = typer.Typer(no_args_is_help=True, help="Set up and check model chec
 app.add_typer(models_app, name="models")
 
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs.")
+MARK = typer.Option(True, "--mark/--no-mark", help="Invisible watermark in every output (default). "
+                    "--no-mark is for research evaluation runs only; it is recorded in the store.")
+LABEL = typer.Option(None, "--label", help="Visible label drawn on every output frame, e.g. 'AI-generated'.")
+
+
+def marking_settings(mark: bool, label: Optional[str]) -> dict:
+    """Job settings for the marking options (only what differs from the defaults, so item
+    ids stay those of a default run); warns about --no-mark."""
+    if not mark:
+        typer.echo("warning: --no-mark: outputs carry no invisible watermark (the C2PA manifest "
+                   "is still embedded; the store records the run as unmarked)", err=True)
+    return {**({} if mark else {"mark": False}), **({"label": label} if label else {})}
+
+# Generation options shared by `generate` and `dataset`.
+Steps = Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")]
+Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale.")]
+Seed = Annotated[int, typer.Option(help="Seed of the initial noise shared by all frames.")]
+BatchSize = Annotated[Optional[int], typer.Option(
+    min=1, help="Frames per diffusion batch [4 on CPU; from free memory on GPU].")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+KernelSize = Annotated[int, typer.Option(min=1, help="Noise Sensor: temporal Gaussian taps (odd).")]
+FlowReference = Annotated[str, typer.Option(help="Noise Sensor: the motion the output should have: "
+                                            "structure (frames) or identity (video).")]
+FilterAlongMotion = Annotated[bool, typer.Option(help="Noise Sensor: smooth each pixel along its motion "
+                                                 "(default) or in place.")]
+
+
+def generation_settings(steps: int, guidance: float, seed: int, batch_size: Optional[int], device: str,
+                        kernel_size: int, flow_reference: str, filter_along_motion: bool) -> dict:
+    """The generation options as flow settings; a bad value exits with status 2 and one line."""
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
+    if kernel_size % 2 == 0:
+        fail(f"--kernel-size must be odd, got {kernel_size}", 2)
+    if flow_reference not in ("structure", "identity"):
+        fail(f"--flow-reference must be structure or identity, got {flow_reference!r}", 2)
+    return dict(steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device,
+                kernel_size=kernel_size, flow_reference=flow_reference,
+                filter_along_motion=filter_along_motion)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -37,31 +76,27 @@ def generate(
     audio: Optional[Path] = typer.Option(None, help="Audio to use instead of the lip reference's."),
     store: Optional[Path] = typer.Option(None, help="Store directory [$FREETALK_STORE or ./freetalk-store]."),
     models: Optional[Path] = typer.Option(None, help="Models directory [$FREETALK_MODELS]."),
-    steps: int = typer.Option(20, min=1, help="DPM-Solver++ steps."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    seed: int = typer.Option(42, help="Seed of the initial noise shared by all frames."),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="Frames per diffusion batch [4 on CPU; from free memory on GPU]."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    kernel_size: int = typer.Option(5, min=1, help="Noise Sensor: temporal Gaussian taps (odd)."),
-    flow_reference: str = typer.Option("structure", help="Noise Sensor: the motion the output should have: "
-                                       "structure (frames) or identity (video)."),
-    filter_along_motion: bool = typer.Option(True, help="Noise Sensor: smooth each pixel along its motion "
-                                             "(default) or in place."),
+    steps: Steps = 20,
+    guidance: Guidance = 7.5,
+    seed: Seed = 42,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    kernel_size: KernelSize = 5,
+    flow_reference: FlowReference = "structure",
+    filter_along_motion: FilterAlongMotion = True,
     keep: str = typer.Option("all", help="What the store keeps of a done item: all (every stage's arrays) "
                              "or final (output, stage rows, metrics)."),
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
+    mark: bool = MARK,
+    label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
 ) -> None:
     """Make IDENTITY speak with the lip motion of LIP_REF."""
     configure_environment(verbose)
     from freetalk_core.errors import FreetalkError
 
-    if device not in ("auto", "cpu", "cuda"):
-        fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
-    if kernel_size % 2 == 0:
-        fail(f"--kernel-size must be odd, got {kernel_size}", 2)
-    if flow_reference not in ("structure", "identity"):
-        fail(f"--flow-reference must be structure or identity, got {flow_reference!r}", 2)
+    settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
+                                   filter_along_motion)
     if keep not in ("all", "final"):
         fail(f"--keep must be all or final, got {keep!r}", 2)
     if preview and keep == "final":
@@ -70,9 +105,8 @@ def generate(
     try:
         models_dir = _models_dir(models)
         item_id, result = run_pair(identity, lip_ref, out, audio=audio, store=store_dir, models=models_dir,
-                          steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-                          device=device, kernel_size=kernel_size, flow_reference=flow_reference,
-                          filter_along_motion=filter_along_motion, keep=keep, show_progress=not verbose)
+                                   show_progress=not verbose, keep=keep, **settings,
+                                   **marking_settings(mark, label))
         if preview:
             from flows.preview import write_previews
 
@@ -88,13 +122,35 @@ def dataset(
     manifest: Path = typer.Argument(..., help="CSV or Parquet: item_id, identity, lip_ref[, audio]."),
     store: Optional[Path] = typer.Option(None, help="Store directory [$FREETALK_STORE or ./freetalk-store]."),
     models: Optional[Path] = typer.Option(None, help="Models directory [$FREETALK_MODELS]."),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="Frames per diffusion batch [4 on CPU; from free memory on GPU]."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Local Dask worker processes [one per core; "
+                                          "one per GPU on CUDA hosts with dask-cuda]."),
+    dask_address: Optional[str] = typer.Option(None, help="Scheduler of an existing Dask cluster "
+                                               "(tcp://HOST:8786) instead of a local one."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try items that failed before again "
+                                      "(else they are skipped and reported)."),
+    keep: str = typer.Option("all", help="all, or final: drop a done item's intermediates."),
+    steps: Steps = 20,
+    guidance: Guidance = 7.5,
+    seed: Seed = 42,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    kernel_size: KernelSize = 5,
+    flow_reference: FlowReference = "structure",
+    filter_along_motion: FilterAlongMotion = True,
+    mark: bool = MARK,
+    label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
 ) -> None:
-    """Generate every pair of MANIFEST not already done; failures are recorded, the rest goes on."""
+    """Generate every pair of MANIFEST not already done, across Dask workers; failures are
+    recorded with a one-line reason, the rest goes on; exit 1 if anything failed."""
     configure_environment(verbose)
-    from flows.dataset import process_dataset
+    settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
+                                   filter_along_motion)
+    if keep not in ("all", "final"):
+        fail(f"--keep must be all or final, got {keep!r}", 2)
+    if workers and dask_address:
+        fail("give --workers or --dask-address, not both", 2)
+    from flows.dataset import dataset_task_runner, process_dataset
     from flows.runtime import prefect_api, store_settings
     from freetalk_core.errors import FreetalkError
     from freetalk_core.models import describe_models
@@ -105,16 +161,15 @@ def dataset(
         missing = [f"missing {e.path}" for e in describe_models(models_dir) if not e.present]
         if missing:
             raise_model_problems(models_dir, missing)
-        with prefect_api(), store_settings(store_dir), StageBars():
-            results = process_dataset(str(manifest), str(store_dir), str(models_dir),
-                                      batch_size=batch_size, device=device)
+        run = process_dataset.with_options(task_runner=dataset_task_runner(workers, dask_address))
+        with prefect_api(), store_settings(store_dir):
+            results = run(str(manifest), str(store_dir), str(models_dir), retry_failed=retry_failed,
+                          keep=keep, **settings, **marking_settings(mark, label))
     except FreetalkError as exc:
         fail(str(exc))
-    from storage import Store
-
-    failed = {k for k, v in results.items() if v != "done"}
-    for item_id in sorted(failed):
-        typer.echo(f"failed: {item_id}: {Store(store_dir).item(item_id)['error']}", err=True)
+    failed = sorted(k for k, v in results.items() if v["status"] != "done")
+    for item_id in failed:
+        typer.echo(f"failed: {item_id}: {results[item_id]['error']}", err=True)
     typer.echo(f"{len(results) - len(failed)} done, {len(failed)} failed ({store_dir})")
     if failed:
         raise typer.Exit(1)
@@ -204,8 +259,17 @@ def models_check(directory: Optional[Path] = typer.Argument(None, help="Models d
 
 @app.command()
 def verify(files: list[Path] = typer.Argument(..., help="Videos to check.")) -> None:
-    """Planned: tell whether a video carries freetalk's provenance manifest and watermark."""
-    fail("verify is not available yet: provenance manifests and watermarks are planned", 2)
+    """Is each video marked as made by freetalk? Reads the C2PA manifest and the watermark.
+
+    Exit status: 0 when every file is marked, 1 when one is not, 2 when one is unreadable."""
+    from freetalk_core import provenance
+
+    worst = 0
+    for path in files:
+        result = provenance.verify(path)
+        typer.echo(provenance.format_verification(result))
+        worst = max(worst, result.exit_code)
+    raise typer.Exit(worst)
 
 
 @app.command()

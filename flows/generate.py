@@ -23,6 +23,21 @@ from tasks.optical_flow import optical_flow
 from tasks.structure_render import structure_render
 
 
+STAGE_TASKS = {"face_crop": face_crop, "fit_3dmm": fit_3dmm, "structure_render": structure_render,
+               "clip_embed": clip_embed, "controller": controller, "diffusion": diffusion,
+               "optical_flow": optical_flow, "noise_filter": noise_filter}
+"""The task of each stage, in the order they run."""
+
+UPSTREAM = {
+    "face_crop": [], "fit_3dmm": ["face_crop"], "structure_render": ["face_crop", "fit_3dmm"],
+    "clip_embed": ["face_crop", "structure_render"], "controller": ["face_crop", "clip_embed"],
+    "diffusion": ["face_crop", "clip_embed", "controller"],
+    "optical_flow": ["face_crop", "structure_render", "diffusion"],
+    "noise_filter": ["face_crop", "diffusion", "optical_flow"],
+}
+"""What each stage reads: its inputs, in call order, and the keys its own key is chained to."""
+
+
 def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, models: str | Path,
              audio: str | Path | None = None, item_id: str | None = None, **settings) -> ItemJob:
     """Describe one pair: resolves paths, hashes the inputs, names the item."""
@@ -74,18 +89,11 @@ def stage_keys(job: ItemJob) -> dict[str, str]:
         "optical_flow": {"reference": job.flow_reference},
         "noise_filter": {"kernel_size": job.kernel_size, "window": job.noise_window,
                          "along_motion": job.filter_along_motion,
-                         "audio": job.audio_sha256},
-    }
-    upstream = {
-        "face_crop": [], "fit_3dmm": ["face_crop"], "structure_render": ["face_crop", "fit_3dmm"],
-        "clip_embed": ["face_crop", "structure_render"], "controller": ["face_crop", "clip_embed"],
-        "diffusion": ["face_crop", "clip_embed", "controller"],
-        "optical_flow": ["face_crop", "structure_render", "diffusion"],
-        "noise_filter": ["face_crop", "diffusion", "optical_flow"],
+                         "audio": job.audio_sha256, "mark": job.mark, "label": job.label},
     }
     keys: dict[str, str] = {}
     for stage, p in params.items():
-        refs = [StageRef(item_id=job.item_id, stage=u, key=keys[u], frames=0) for u in upstream[stage]]
+        refs = [StageRef(item_id=job.item_id, stage=u, key=keys[u], frames=0) for u in UPSTREAM[stage]]
         keys[stage] = stage_key(stage, {**p, "chunk_frames": job.chunk_frames}, refs)
     return keys
 
@@ -98,7 +106,7 @@ def finished_before(store: Store, job: ItemJob, keys: dict[str, str]) -> bool:
             and FINISH in store.done_chunks(job.item_id, "noise_filter", keys["noise_filter"]))
 
 
-@flow(name="generate", log_prints=True)
+@flow(name="generate", flow_run_name="generate[{job.item_id}]", log_prints=True)
 def generate(job: ItemJob) -> str:
     """Identity video + lip reference -> the identity speaking with the lip motion (MP4).
 
@@ -108,27 +116,43 @@ def generate(job: ItemJob) -> str:
     keys = stage_keys(job)
     if finished_before(store, job, keys):
         return str(store.output_path(job.item_id))
-    store.record_item(job.item_id, "running", identity=job.identity, lip_ref=job.lip_ref,
-                      audio=job.audio, identity_sha256=job.identity_sha256,
-                      lip_ref_sha256=job.lip_ref_sha256, audio_sha256=job.audio_sha256,
-                      fps=job.fps)
+    begin_item(store, job)
     try:
-        crops = finished(face_crop(job, keys["face_crop"]))
-        fits = finished(fit_3dmm(job, keys["fit_3dmm"], crops))
-        structure = finished(structure_render(job, keys["structure_render"], crops, fits))
-        embeddings = finished(clip_embed(job, keys["clip_embed"], crops, structure))
-        controlled = finished(controller(job, keys["controller"], crops, embeddings))
-        generated = finished(diffusion(job, keys["diffusion"], crops, embeddings, controlled))
-        flows = finished(optical_flow(job, keys["optical_flow"], crops, structure, generated))
-        finished(noise_filter(job, keys["noise_filter"], crops, generated, flows))
+        refs = run_stages(job, keys, STAGE_TASKS)
     except Exception as exc:
         store.record_item(job.item_id, "failed", error=one_line(exc))
         if not isinstance(exc, FreetalkError):
             get_run_logger().exception("item %s failed", job.item_id)
         raise
+    return complete_item(store, job, refs)
+
+
+def run_stages(job: ItemJob, keys: dict[str, str], stages, refs: dict[str, StageRef] | None = None
+               ) -> dict[str, StageRef]:
+    """Run `stages` (names, in order) of one item as Prefect tasks named `stage[item_id]`;
+    `refs` holds the results of stages run before. Returns every stage's reference."""
+    refs = dict(refs or {})
+    for stage in stages:
+        task = STAGE_TASKS[stage].with_options(task_run_name=f"{stage}[{job.item_id}]")
+        refs[stage] = finished(task(job, keys[stage], *(refs[u] for u in UPSTREAM[stage])))
+    return refs
+
+
+def begin_item(store: Store, job: ItemJob, **fields) -> None:
+    """Record the item as running, with its inputs."""
+    store.record_item(job.item_id, "running", identity=job.identity, lip_ref=job.lip_ref,
+                      audio=job.audio, identity_sha256=job.identity_sha256,
+                      lip_ref_sha256=job.lip_ref_sha256, audio_sha256=job.audio_sha256,
+                      fps=job.fps, **fields)
+
+
+def complete_item(store: Store, job: ItemJob, refs: dict[str, StageRef], **fields) -> str:
+    """Record the item done with its output. Returns the output's path in the store."""
     output = store.output_path(job.item_id)
-    store.record_item(job.item_id, "done", n_frames=crops.frames, output=str(output),
-                      output_sha256=store.attrs(job.item_id, "noise_filter")["output_sha256"])
+    attrs = store.attrs(job.item_id, "noise_filter")
+    store.record_item(job.item_id, "done", n_frames=refs["face_crop"].frames, output=str(output),
+                      output_sha256=attrs["output_sha256"], watermark_id=attrs.get("watermark_id"),
+                      **fields)
     if job.keep == "final":
         store.drop_intermediates(job.item_id)
     return str(output)

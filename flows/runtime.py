@@ -21,9 +21,12 @@ creates and migrates its database (about 30 s on a 2-core CPU, minutes on a busy
 
 def configure_environment(verbose: bool = False) -> None:
     """Environment for Prefect, set before it is imported: no telemetry from this machine,
-    and quiet logs on the command line unless asked for."""
+    run logs sent to the API, and quiet logs on the command line unless asked for."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
+    # Run logs reach the Prefect API (and the UI) at INFO; only the console is quiet.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "true")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true" if verbose else "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not verbose:
@@ -31,6 +34,7 @@ def configure_environment(verbose: bool = False) -> None:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # worker processes too
         import warnings
 
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -310,10 +310,12 @@ def _even_frame(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
-def _encode_video(path: Path, frames: Iterable[np.ndarray], rate: Fraction, crf: int) -> int:
+def _encode_video(path: Path, frames: Iterable[np.ndarray], rate: Fraction, crf: int,
+                  metadata: dict[str, str] | None = None) -> int:
     """Write `frames` as H.264 (yuv420p) to a video-only MP4; returns the frame count."""
     n, size = 0, None
     with av.open(str(path), "w", format="mp4") as out:
+        out.metadata.update(metadata or {})
         stream = None
         for frame in frames:
             if stream is None:
@@ -377,7 +379,8 @@ def _packet_seconds(packet: av.Packet) -> float:
     return float((packet.dts if packet.dts is not None else packet.pts or 0) * packet.time_base)
 
 
-def _mux_audio(video_path: Path, audio_path, out_path: Path, n_frames: int, rate: Fraction) -> None:
+def _mux_audio(video_path: Path, audio_path, out_path: Path, n_frames: int, rate: Fraction,
+               metadata: dict[str, str] | None = None) -> None:
     """Copy the video of `video_path` and add `audio_path`'s audio as AAC, cut to the video."""
     n_samples = int(round(n_frames / rate * AUDIO_RATE))
     container = _open(audio_path)
@@ -389,6 +392,7 @@ def _mux_audio(video_path: Path, audio_path, out_path: Path, n_frames: int, rate
         container.close()
     layout = "mono" if channels == 1 else "stereo"
     with av.open(str(video_path)) as source, av.open(str(out_path), "w", format="mp4") as out:
+        out.metadata.update(metadata or {})
         video_in = source.streams.video[0]
         video_out = out.add_stream_from_template(video_in)
         audio_out = out.add_stream("aac", rate=AUDIO_RATE, layout=layout)
@@ -409,12 +413,15 @@ def _mux_audio(video_path: Path, audio_path, out_path: Path, n_frames: int, rate
             pending = next(audio, None)
 
 
-def write_video(path, frames: Iterable[np.ndarray], fps: float, audio=None, crf: int = 18) -> Path:
+def write_video(path, frames: Iterable[np.ndarray], fps: float, audio=None, crf: int = 18,
+                metadata: dict[str, str] | None = None) -> Path:
     """Encode `frames` (`(H, W, 3) uint8` RGB, one size) as an H.264 MP4 at a constant `fps`.
 
     Odd sizes are padded to even by edge replication. `audio` is a file with an audio stream
     (video or audio) or None; it is re-encoded to AAC and cut or silence-padded to the video's
-    duration `n_frames / fps`. Written to a temporary file in the same folder, then renamed.
+    duration `n_frames / fps`. `metadata`: container tags (FFmpeg's MP4 muxer keeps the
+    standard ones: title, comment, description, encoder, ...). Written to a temporary file in
+    the same folder, then renamed.
     """
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
@@ -427,11 +434,11 @@ def write_video(path, frames: Iterable[np.ndarray], fps: float, audio=None, crf:
     video_tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.video.mp4")
     muxed_tmp = video_tmp.with_suffix(".muxed.mp4")
     try:
-        n = _encode_video(video_tmp, frames, rate, crf)
+        n = _encode_video(video_tmp, frames, rate, crf, metadata)
         if audio is None:
             os.replace(video_tmp, path)
         else:
-            _mux_audio(video_tmp, audio, muxed_tmp, n, rate)
+            _mux_audio(video_tmp, audio, muxed_tmp, n, rate, metadata)
             os.replace(muxed_tmp, path)
     finally:
         for leftover in (video_tmp, muxed_tmp):

@@ -7,7 +7,7 @@ from prefect import task
 
 from freetalk_core import clip_embed as ce
 from tasks.chunks import StageRun
-from tasks.common import STAGE_TASK, ItemJob, StageRef, resolve_device
+from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached, resolve_device
 
 STAGE = "clip_embed"
 IDENTITY_SAMPLE = 64
@@ -24,12 +24,15 @@ def clip_embed(job: ItemJob, key: str, crops: StageRef, structure: StageRef) -> 
         run.close()
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
     store = run.store
-    encoder = ce.load_image_encoder(job.models_dir, device=resolve_device(job.device))
+    device = resolve_device(job.device)
+    encoder = load_cached("image encoder", lambda: ce.load_image_encoder(job.models_dir, device=device),
+                          models=job.models_dir, components=("image_encoder",), device=device)
 
     def setup():
         store.write_array(item, STAGE, "negative_embedding",
                           ce.negative_embedding(encoder).astype(np.float16))
-        arcface = ce.load_arcface(job.models_dir)
+        arcface = load_cached("arcface", lambda: ce.load_arcface(job.models_dir), models=job.models_dir,
+                              components=("insightface",))
         id_index = store.read(item, "face_crop", "identity_index")
         _, first = np.unique(id_index, return_index=True)
         found = store.read(item, "face_crop", "identity_face_found")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import logging
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from prefect.cache_policies import NO_CACHE
@@ -76,6 +78,10 @@ class ItemJob(BaseModel):
     chunk_frames: int = 25
     device: str = "auto"
     keep: str = "all"
+    mark: bool = True
+    """Invisible watermark in the output (off only for research evaluation runs)."""
+    label: str | None = None
+    """Visible label drawn on the output frames."""
 
     def open_store(self) -> Store:
         return Store(self.store)
@@ -237,3 +243,43 @@ class StageProgress:
 
 
 progress = StageProgress()
+
+
+_loaded_models: dict[tuple, Any] = {}
+_model_loads: dict[str, int] = {}
+_model_lock = threading.Lock()
+
+
+def load_cached(kind: str, loader: Callable[[], Any], *, models: str | Path | None = None,
+                components: tuple[str, ...] = (), device: str | None = None, dtype: Any = None) -> Any:
+    """`loader()`'s model, loaded once per process and reused by every later item.
+
+    Keyed by `kind`, the content fingerprint of `components` of the `models` folder, the device
+    and the dtype, so changed checkpoints load again. Each load is counted (`model_loads`) and
+    logged to the run's logs."""
+    fingerprints = tuple(models_fingerprint(Path(models), c) for c in components) if models else ()
+    key = (kind, str(Path(models).resolve()) if models else None, fingerprints, device, str(dtype))
+    with _model_lock:
+        if key not in _loaded_models:
+            start = time.perf_counter()
+            _loaded_models[key] = loader()
+            _model_loads[kind] = _model_loads.get(kind, 0) + 1
+            _run_logger().info("loaded %s on %s in %.1f s (load %d of %s in this worker)", kind,
+                               device or "cpu", time.perf_counter() - start, _model_loads[kind], kind)
+        return _loaded_models[key]
+
+
+def model_loads() -> dict[str, int]:
+    """How many times this process loaded each kind of model."""
+    with _model_lock:
+        return dict(_model_loads)
+
+
+def _run_logger():
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("freetalk")

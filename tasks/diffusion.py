@@ -10,7 +10,7 @@ from freetalk_core import CROP_SIZE
 from freetalk_core import diffusion as dm
 from tasks.chunks import StageRun
 from tasks.face_crop import MASK_TILE, mouth_box_frames
-from tasks.common import STAGE_TASK, ItemJob, StageRef, mask_weights, resolve_device
+from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached, mask_weights, resolve_device
 
 STAGE = "diffusion"
 
@@ -27,10 +27,14 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
     store = run.store
     device = resolve_device(job.device)
-    if device == "cuda":
-        pipe = dm.optimize_pipeline(dm.load_pipeline(job.models_dir, device=device, dtype=torch.float16))
-    else:
-        pipe = dm.load_pipeline(job.models_dir, device=device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+
+    def load():
+        pipe = dm.load_pipeline(job.models_dir, device=device, dtype=dtype)
+        return dm.optimize_pipeline(pipe) if device == "cuda" else pipe
+
+    pipe = load_cached("diffusion pipeline", load, models=job.models_dir,
+                       components=("sd15-inpainting", "ip-adapter"), device=device, dtype=dtype)
     noise = dm.initial_noise(job.seed, CROP_SIZE, CROP_SIZE)
     negative = store.read(item, "clip_embed", "negative_embedding").astype(np.float32)
     identity = store.read(item, "clip_embed", "identity_embedding").astype(np.float32)

@@ -17,7 +17,7 @@ from freetalk_core import CROP_SIZE, video
 from freetalk_core import face_crop as fc
 from freetalk_core import flow
 from tasks.chunks import StageRun
-from tasks.common import STAGE_TASK, ItemJob, StageRef, mask_values
+from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached, mask_values
 
 STAGE = "face_crop"
 MASK_TILE = 64
@@ -85,7 +85,7 @@ def output_length(job: ItemJob, n_lip_frames: int) -> int:
 
 def _setup(job: ItemJob, run: StageRun) -> None:
     store, item = run.store, job.item_id
-    detector = fc.LandmarkDetector()
+    detector = load_cached("landmark detector", fc.LandmarkDetector)
     id_lm, id_found, id_pass = _track(job.identity, job, detector)
     lip_lm, lip_found, _ = _track(job.lip_ref, job, detector)
     n_frames = output_length(job, len(lip_lm))

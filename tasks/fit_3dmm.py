@@ -16,7 +16,7 @@ from prefect import task
 from freetalk_core import fit_3dmm as fit
 from storage import Store
 from tasks.chunks import StageRun
-from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges
+from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges, load_cached
 
 STAGE = "fit_3dmm"
 ROLES = ("identity", "lip_ref")
@@ -55,7 +55,8 @@ def fit_3dmm(job: ItemJob, key: str, crops: StageRef) -> StageRef:
         run.close()
         return StageRef(item_id=item, stage=STAGE, key=key, frames=crops.frames)
 
-    model = fit.load_face_model(job.models_dir / "eos")
+    model = load_cached("face model", lambda: fit.load_face_model(job.models_dir / "eos"),
+                        models=job.models_dir, components=("eos",))
     landmarks = {role: store.read(item, "face_crop", f"{role}_landmarks")[sources[role][0]]
                  for role in ROLES}
     empty = fit.fit_frames(model, landmarks["identity"][:0])

@@ -13,12 +13,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
 
 from freetalk_core import CROP_SIZE, video
 from freetalk_core import face_crop as fc
 from freetalk_core import noise_sensor as ns
 from storage import Store, sha256_file
+from tasks import provenance
 from tasks.chunks import FINISH, StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges, mask_weights
 from tasks.face_crop import MASK_TILE, SourceFrames
@@ -124,8 +125,15 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
         _save_png(report / "noise_pattern.png", ns.noise_pattern_heatmap(pattern))
         audio = job.audio or (job.lip_ref if video.has_audio(job.lip_ref) else None)
         output.parent.mkdir(parents=True, exist_ok=True)
-        video.write_video(output, pasted_frames(store, job), job.fps, audio=audio)
-        store.set_attrs(item, STAGE, mnp=float(mnp), output=str(output), output_sha256=sha256_file(output))
+        # Provenance: label and watermark in the frames, metadata tags, signed C2PA manifest.
+        if not job.mark:
+            get_run_logger().warning("%s: --no-mark: the output carries no watermark", item)
+        video.write_video(output, provenance.marked_frames(pasted_frames(store, job), job),
+                          job.fps, audio=audio, metadata=provenance.metadata_tags())
+        provenance.sign_output(output, job)
+        store.record_metrics(item, {"watermarked": float(job.mark)})
+        store.set_attrs(item, STAGE, mnp=float(mnp), output=str(output), output_sha256=sha256_file(output),
+                        marked=job.mark, watermark_id=provenance.watermark_id(job), label=job.label)
 
     run.finish(finish)
     run.close()

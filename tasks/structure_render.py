@@ -9,7 +9,7 @@ from freetalk_core import CROP_SIZE
 from freetalk_core import fit_3dmm as fit
 from freetalk_core import structure_render as sr
 from tasks.chunks import StageRun
-from tasks.common import STAGE_TASK, ItemJob, StageRef
+from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached
 from tasks.fit_3dmm import load_fit
 
 STAGE = "structure_render"
@@ -25,7 +25,8 @@ def structure_render(job: ItemJob, key: str, crops: StageRef, fits: StageRef) ->
         run.close()
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
     store = run.store
-    model = fit.load_face_model(job.models_dir / "eos")
+    model = load_cached("face model", lambda: fit.load_face_model(job.models_dir / "eos"),
+                        models=job.models_dir, components=("eos",))
     identity_crops = store.array(item, "face_crop", "identity_crops")
     frames = sr.StructureFrames(
         model, identity_crops, store.read(item, "face_crop", "identity_landmarks"),

@@ -148,45 +148,6 @@ def test_cli_rejects_bad_noise_sensor_settings_in_one_line(tmp_path, one_second_
     assert len(lines) == 1 and message in lines[0]
 
 
-def _blank_video(path, frames=12):
-    from freetalk_core import video
-
-    video.write_video(path, iter(np.full((frames, 128, 128, 3), 90, np.uint8)), 25.0)
-    return path
-
-
-def test_dataset_records_each_failure_and_finishes_the_rest(tmp_path, tiny_models, one_second_pair):
-    from flows.dataset import process_dataset
-    from flows.runtime import configure_environment, store_settings
-    from freetalk_core import video
-
-    configure_environment()
-    short = []
-    for clip in one_second_pair:
-        out = tmp_path / f"short_{clip.name}"
-        video.write_video(out, iter(video.read_video(clip, max_frames=8)), 25.0, audio=clip)
-        short.append(out)
-    (tmp_path / "garbage.mp4").write_bytes(b"this is not a video")
-    _blank_video(tmp_path / "blank.mp4")
-    manifest = tmp_path / "manifest.csv"
-    manifest.write_text("item_id,identity,lip_ref\n"
-                        "no-face,blank.mp4,short_MimicTalk__May_5s.mp4\n"
-                        "garbage,garbage.mp4,short_MimicTalk__May_5s.mp4\n"
-                        f"good,{short[0].name},{short[1].name}\n")
-    store_dir = tmp_path / "store"
-    with store_settings(store_dir):
-        results = process_dataset(str(manifest), str(store_dir), str(tiny_models), steps=1)
-    assert results == {"no-face": "failed", "garbage": "failed", "good": "done"}
-    store = Store(store_dir)
-    assert "no face found" in store.item("no-face")["error"]
-    assert "\n" not in store.item("no-face")["error"]
-    assert "garbage.mp4" in store.item("garbage")["error"]
-    assert store.output_path("good").exists()
-    # the failed stage row says why, too
-    failed_rows = [r for r in store.stage_rows("no-face") if r["status"] == "failed"]
-    assert failed_rows and failed_rows[0]["stage"] == "face_crop"
-
-
 def test_previews_show_the_panels_and_the_lip_curves(first_run, tmp_path):
     from flows.preview import PANEL_SIZE, lip_opening_curves, write_previews
 
