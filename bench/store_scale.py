@@ -1,5 +1,7 @@
 """How the store scales: metadata append and read costs at 1k and 1M stage rows, `freetalk
-status` at 10,000 items / 1,000,000 stage rows, and (sections below) memory and size.
+status` at 10,000 items / 1,000,000 stage rows, peak memory of `freetalk generate` on an 8 s
+and a 60 s pair (`memory`, 20+ minutes here), and store bytes per output frame with the codec
+measurement behind `storage.store.array_compressors` (`size`, a 5 s pair).
 
     python bench/store_scale.py [--only metadata,status,delta,memory,size] [--dir DIR]
 
@@ -201,14 +203,151 @@ def bench_delta(workdir: Path) -> list[tuple[str, float, str]]:
     return rows
 
 
+# ----------------------------------------------------------------- memory and size
+# `freetalk generate` with tiny models and few diffusion steps on the sample clips.
+SAMPLES = Path(os.environ.get("FREETALK_SAMPLES", ROOT.parent / "shared" / "samples"))
+EOS = Path(os.environ.get("FREETALK_EOS_DIR", ROOT.parent / "shared" / "models" / "eos"))
+IDENTITY = "SadTalker__WDA_KatieHill_000.mp4"  # 8 s, 512 x 512
+LIP_8S = "SadTalker__WDA_AlexandriaOcasioCortez_000.mp4"  # 8 s
+LIP_5S = "MimicTalk__May_5s.mp4"  # 5 s
+STEPS = 2
+
+
+def _tiny_models(folder: Path) -> Path:
+    from freetalk_core.models import write_tiny_models
+
+    models = folder / "models"
+    if not models.exists():
+        write_tiny_models(models, eos_source=EOS)
+    return models
+
+
+def looped_clip(source: Path, out: Path, seconds: float, fps: float = 25.0) -> Path:
+    """`source` repeated until it lasts `seconds`, written without audio, one frame in memory."""
+    from freetalk_core import video
+
+    n = video.output_frame_count(seconds, fps)
+
+    def frames():
+        written = 0
+        while written < n:
+            for frame in video.read_frames(source, fps=fps):
+                if written == n:
+                    return
+                yield frame
+                written += 1
+
+    return video.write_video(out, frames(), fps)
+
+
+def run_generate(identity: Path, lip_ref: Path, store: Path, models: Path, *extra: str) -> dict:
+    """`freetalk generate` in a child process: its peak RSS (bytes, `wait4`'s ru_maxrss) and
+    wall seconds."""
+    command = [sys.executable, "-m", "flows.cli", "generate", str(identity), str(lip_ref),
+               "-o", str(store.parent / f"{store.name}.mp4"), "--store", str(store),
+               "--models", str(models), "--steps", str(STEPS), *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise RuntimeError(f"generate failed ({code}): {stderr.decode()[-2000:]}")
+    return {"peak_rss_bytes": usage.ru_maxrss * 1024, "seconds": time.perf_counter() - start}
+
+
 def bench_memory(workdir: Path) -> list[tuple[str, float, str]]:
-    """Peak RSS of a generate run of an 8 s and a 60 s pair: not part of this script yet."""
-    raise NotImplementedError("bench_memory: peak-RSS figures are not measured by this script yet")
+    """Peak RSS of `generate` on an 8 s pair and the same pair looped to 60 s."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    models = _tiny_models(workdir)
+    rows, peaks = [], {}
+    for seconds in (8, 60):
+        identity = looped_clip(SAMPLES / IDENTITY, workdir / f"identity_{seconds}s.mp4", seconds)
+        lip_ref = looped_clip(SAMPLES / LIP_8S, workdir / f"lip_{seconds}s.mp4", seconds)
+        run = run_generate(identity, lip_ref, workdir / f"store_{seconds}s", models)
+        peaks[seconds] = run["peak_rss_bytes"]
+        rows += [(f"generate {seconds} s pair: peak RSS", run["peak_rss_bytes"] / 1e9, "GB"),
+                 (f"generate {seconds} s pair: wall time", run["seconds"], "s")]
+    rows.append(("peak RSS 60 s / 8 s", peaks[60] / peaks[8], "x"))
+    return rows
+
+
+def _tree(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def size_of_item(store_dir: Path) -> dict:
+    """Bytes and files of a store holding one item, in total and per array, per output frame."""
+    import zarr
+
+    (item_dir,) = (store_dir / "items").iterdir()
+    n_frames = zarr.open_group(item_dir, mode="r")["face_crop"].attrs["n_frames"]
+    total, files = _tree(store_dir)
+    arrays = {}
+    for meta in sorted(item_dir.rglob("zarr.json")):
+        if (meta.parent / "c").is_dir():
+            arrays[str(meta.parent.relative_to(item_dir))] = _tree(meta.parent)[0]
+    return {"frames": n_frames, "bytes": total, "files": files, "arrays": arrays}
 
 
 def bench_size(workdir: Path) -> list[tuple[str, float, str]]:
-    """Store bytes per output frame: not part of this script yet."""
-    raise NotImplementedError("bench_size: bytes-per-frame figures are not measured by this script yet")
+    """Store bytes and files per output frame for the 5 s sample pair, and its largest arrays."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    store_dir = workdir / "store_5s"
+    run_generate(SAMPLES / IDENTITY, SAMPLES / LIP_5S, store_dir, _tiny_models(workdir))
+    size = size_of_item(store_dir)
+    n = size["frames"]
+    rows = [("5 s pair: store bytes per output frame", size["bytes"] / n / 1e6, "MB"),
+            ("5 s pair: store files", size["files"], "files"),
+            ("5 s pair: output frames", n, "frames")]
+    for name, nbytes in sorted(size["arrays"].items(), key=lambda kv: -kv[1])[:8]:
+        rows.append((f"  {name} per output frame", nbytes / n / 1e3, "kB"))
+    rows += bench_codecs(store_dir)
+    return rows
+
+
+CODECS = {
+    "zarr default zstd 0": lambda z: [z.ZstdCodec(level=0)],
+    "blosc zstd 3 noshuffle": lambda z: [z.BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle")],
+    "blosc zstd 3 shuffle": lambda z: [z.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
+    "blosc zstd 3 bitshuffle": lambda z: [z.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
+    "blosc zstd 7 shuffle": lambda z: [z.BloscCodec(cname="zstd", clevel=7, shuffle="shuffle")],
+    "blosc lz4 5 shuffle": lambda z: [z.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+}
+CODEC_ARRAYS = ("face_crop/identity_crops", "face_crop/mouth_masks", "diffusion/frames",
+                "optical_flow/generated_flow", "clip_embed/structure_embeddings")
+
+
+def bench_codecs(store_dir: Path) -> list[tuple[str, float, str]]:
+    """Bytes per output frame and write + read seconds of each candidate codec on the arrays of
+    a real item (the codec behind `storage.store.array_compressors`)."""
+    import zarr
+    import zarr.codecs as codecs
+    from zarr.storage import MemoryStore
+
+    (item_dir,) = (store_dir / "items").iterdir()
+    group = zarr.open_group(item_dir, mode="r")
+    rows = []
+    for name in CODEC_ARRAYS:
+        source = group[name]
+        data = source[...]
+        rows.append((f"{name} ({data.dtype}) raw per frame", data.nbytes / data.shape[0] / 1e3, "kB"))
+        for label, make in CODECS.items():
+            memory = MemoryStore()
+            start = time.perf_counter()
+            target = zarr.create_array(memory, shape=data.shape, dtype=data.dtype, chunks=source.chunks,
+                                       shards=source.shards, compressors=make(codecs), fill_value=0)
+            target[...] = data
+            seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            np.asarray(target[...])
+            seconds_read = time.perf_counter() - start
+            size = sum(len(v.to_bytes()) for v in memory._store_dict.values())
+            rows += [(f"  {label}: per frame", size / data.shape[0] / 1e3, "kB"),
+                     (f"  {label}: write / read", seconds, f"s / {seconds_read:.3f} s")]
+    return rows
 
 
 BENCHES = {"metadata": bench_metadata, "status": bench_status, "delta": bench_delta,

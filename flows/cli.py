@@ -84,6 +84,8 @@ def generate(
     kernel_size: KernelSize = 5,
     flow_reference: FlowReference = "structure",
     filter_along_motion: FilterAlongMotion = True,
+    keep: str = typer.Option("all", help="What the store keeps of a done item: all (every stage's arrays) "
+                             "or final (output, stage rows, metrics)."),
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
     mark: bool = MARK,
     label: Optional[str] = LABEL,
@@ -95,11 +97,15 @@ def generate(
 
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
                                    filter_along_motion)
+    if keep not in ("all", "final"):
+        fail(f"--keep must be all or final, got {keep!r}", 2)
+    if preview and keep == "final":
+        fail("--preview needs the stage arrays: use it with --keep all", 2)
     store_dir = resolve_store(store)
     try:
         models_dir = _models_dir(models)
         item_id, result = run_pair(identity, lip_ref, out, audio=audio, store=store_dir, models=models_dir,
-                                   show_progress=not verbose, **settings,
+                                   show_progress=not verbose, keep=keep, **settings,
                                    **marking_settings(mark, label))
         if preview:
             from flows.preview import write_previews

@@ -12,7 +12,8 @@ from prefect import flow, get_run_logger
 from freetalk_core.errors import FreetalkError, VideoReadError
 from storage import Store, sha256_file
 from tasks.clip_embed import clip_embed
-from tasks.common import ItemJob, StageRef, models_fingerprint, one_line, progress, stage_key
+from tasks.chunks import FINISH
+from tasks.common import KEEP_CHOICES, ItemJob, StageRef, models_fingerprint, one_line, progress, stage_key
 from tasks.controller import controller
 from tasks.diffusion import diffusion
 from tasks.face_crop import face_crop
@@ -51,30 +52,36 @@ def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, mo
         paths[role] = str(path.resolve())
         hashes[f"{role}_sha256"] = sha256_file(path)
     if item_id is None:
-        item_id = default_item_id(paths["identity"], paths["lip_ref"], hashes, settings)
+        item_id = default_item_id(paths["identity"], paths["lip_ref"], hashes)
+    if settings.get("keep", "all") not in KEEP_CHOICES:
+        raise ValueError(f"keep must be one of {', '.join(KEEP_CHOICES)}, got {settings['keep']!r}")
     return ItemJob(store=str(Path(store).expanduser().resolve()), item_id=item_id,
                    models=str(Path(models).expanduser().resolve()),
                    **{k: v for k, v in paths.items() if v is not None}, **hashes, **settings)
 
 
-def default_item_id(identity: str, lip_ref: str, hashes: dict, settings: dict) -> str:
-    """`<identity stem>__<lip stem>__<hash of inputs and result-changing settings>`."""
-    result_settings = {k: v for k, v in sorted(settings.items())
-                       if k not in ("batch_size", "device", "chunk_frames")}
-    digest = hashlib.sha256(repr((sorted(hashes.items()), result_settings)).encode()).hexdigest()[:10]
+def default_item_id(identity: str, lip_ref: str, hashes: dict) -> str:
+    """`<identity stem>__<lip stem>__<hash of the input files' sha256>`: the same inputs are
+    the same item whatever the settings (a changed setting recomputes only the stages it
+    affects, by their keys)."""
+    digest = hashlib.sha256(repr(sorted(hashes.items())).encode()).hexdigest()[:10]
     stem = lambda p: re.sub(r"[^A-Za-z0-9_-]+", "-", Path(p).stem)[:40].strip("-") or "video"  # noqa: E731
     return f"{stem(identity)}__{stem(lip_ref)}__{digest}"
 
 
 def stage_keys(job: ItemJob) -> dict[str, str]:
-    """Every stage's key, chained so a change upstream reaches everything downstream."""
+    """Every stage's key, chained so a change upstream reaches everything downstream.
+
+    Keys hold what a stage's result depends on and nothing of where things are: input
+    contents (sha256), model contents (`models_fingerprint`), settings, and `chunk_frames`
+    (the chunk ranges a stage row stands for), never the store's or the models' paths."""
     models = Path(job.models)
     fp = lambda *parts: [models_fingerprint(models, p) for p in parts]  # noqa: E731
     params = {
         "face_crop": {"identity": job.identity_sha256, "lip_ref": job.lip_ref_sha256,
                       "audio": job.audio_sha256, "fps": job.fps},
         "fit_3dmm": {"eos": fp("eos")},
-        "structure_render": {},
+        "structure_render": {"eos": fp("eos")},
         "clip_embed": {"models": fp("image_encoder", "insightface")},
         "controller": {"lambda_range": list(job.lambda_range)},
         "diffusion": {"models": fp("sd15-inpainting", "ip-adapter"), "steps": job.steps,
@@ -87,8 +94,16 @@ def stage_keys(job: ItemJob) -> dict[str, str]:
     keys: dict[str, str] = {}
     for stage, p in params.items():
         refs = [StageRef(item_id=job.item_id, stage=u, key=keys[u], frames=0) for u in UPSTREAM[stage]]
-        keys[stage] = stage_key(stage, {**p, "store": job.store}, refs)
+        keys[stage] = stage_key(stage, {**p, "chunk_frames": job.chunk_frames}, refs)
     return keys
+
+
+def finished_before(store: Store, job: ItemJob, keys: dict[str, str]) -> bool:
+    """The item's output exists and its last stage's last unit is done under today's key.
+    The keys chain, so that key stands for every stage's inputs and settings: nothing needs
+    to run, even when `keep="final"` dropped the intermediate arrays."""
+    return (store.output_path(job.item_id).exists()
+            and FINISH in store.done_chunks(job.item_id, "noise_filter", keys["noise_filter"]))
 
 
 @flow(name="generate", flow_run_name="generate[{job.item_id}]", log_prints=True)
@@ -99,6 +114,8 @@ def generate(job: ItemJob) -> str:
     """
     store = Store(job.store)
     keys = stage_keys(job)
+    if finished_before(store, job, keys):
+        return str(store.output_path(job.item_id))
     begin_item(store, job)
     try:
         refs = run_stages(job, keys, STAGE_TASKS)
@@ -136,6 +153,8 @@ def complete_item(store: Store, job: ItemJob, refs: dict[str, StageRef], **field
     store.record_item(job.item_id, "done", n_frames=refs["face_crop"].frames, output=str(output),
                       output_sha256=attrs["output_sha256"], watermark_id=attrs.get("watermark_id"),
                       **fields)
+    if job.keep == "final":
+        store.drop_intermediates(job.item_id)
     return str(output)
 
 

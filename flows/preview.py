@@ -8,6 +8,7 @@ import numpy as np
 
 from freetalk_core import video
 from storage import Store
+from tasks.common import mask_weights
 
 PANELS = (("identity", "face_crop", "identity_crops"), ("lip reference", "face_crop", "lip_ref_crops"),
           ("structure", "structure_render", "frames"), ("output", "noise_filter", "frames"))
@@ -33,7 +34,7 @@ def side_by_side_frames(store: Store, item_id: str, size: int = PANEL_SIZE):
     for start in range(0, n, 25):
         blocks = [(name, a[start:start + 25]) for name, a in arrays]
         # The output panel shows what the MP4 shows: the filtered crop inside the mouth mask only.
-        m = masks[start:start + 25][..., None]
+        m = mask_weights(masks[start:start + 25])[..., None]
         blended = blocks[0][1] * (1 - m) + blocks[-1][1] * m
         blocks[-1] = (blocks[-1][0], np.clip(blended + 0.5, 0, 255).astype(np.uint8))
         for i in range(blocks[0][1].shape[0]):

@@ -188,6 +188,13 @@ def fit_landmarks(
     many frames, centred; 1 or less: per-frame fits as eos gives them).
     Returns a FitResult of T frames.
     """
+    return finish_fit(model, fit_frames(model, landmarks, size, num_iterations), landmarks, smooth_window)
+
+
+def fit_frames(model: FaceModel, landmarks: np.ndarray, size: int = CROP_SIZE,
+               num_iterations: int = 5) -> FitResult:
+    """The per-frame eos fits of `fit_landmarks`, before smoothing (`fit_error` left 0). Frames
+    are fitted independently, so a clip may be fitted a chunk at a time."""
     import eos
 
     landmarks = np.asarray(landmarks, dtype=np.float32)
@@ -233,9 +240,17 @@ def fit_landmarks(
         fit_error=np.zeros(len(landmarks), np.float32),
         size=size,
     )
+    return fit
+
+
+def finish_fit(model: FaceModel, fit: FitResult, landmarks: np.ndarray, smooth_window: int = 5) -> FitResult:
+    """The whole clip's part of `fit_landmarks`: smoothing over time (`smooth_fit`, if
+    `smooth_window > 1`), then the fit errors against `landmarks` (T, 68, 2)."""
     if smooth_window > 1 and len(fit) >= 3:
         fit = smooth_fit(fit, smooth_window)
-    fit.fit_error = _fit_errors(model, fit, landmarks)
+    else:
+        fit = replace(fit)
+    fit.fit_error = _fit_errors(model, fit, np.asarray(landmarks, dtype=np.float32))
     return fit
 
 

@@ -18,6 +18,8 @@ and what is averaged away is the jitter and flicker only; the pipeline filters t
 
 from __future__ import annotations
 
+from typing import Callable, Tuple
+
 import cv2
 import numpy as np
 
@@ -216,38 +218,125 @@ def noise_pattern_sequence(generated_flow: np.ndarray, reference_flow: np.ndarra
 
 
 def _window_moments(g: np.ndarray, r: np.ndarray, window: int):
-    """For each frame t of the clip (`len(g) + 1` frames), the `_moments` of the `window` flow
-    fields of its window (see `_window_bounds`), or None when they are frame t-1's. Computed
-    from running sums, shifted by the clip mean so the subtraction stays accurate."""
-    n = g.shape[0]
-    lo, hi = _window_bounds(n, window)
-    shift_g = g.mean(axis=0, dtype=np.float64)
-    shift_r = r.mean(axis=0, dtype=np.float64)
-    sums = np.zeros((5,) + g.shape[1:], dtype=np.float64)
+    """`window_moments` of in-memory flows, every frame of the clip."""
+    return (m for _, m in window_moments(lambda a, b: (g[a:b], r[a:b]), g.shape[0], window,
+                                         shift=(g.mean(axis=0, dtype=np.float64),
+                                                r.mean(axis=0, dtype=np.float64))))
 
-    def update(i: int, sign: float) -> None:
-        dg = g[i] - shift_g
-        dr = r[i] - shift_r
+
+FlowReader = Callable[[int, int], Tuple[np.ndarray, np.ndarray]]
+"""`read(start, stop) -> (generated, reference)`: flow fields `[start, stop)` of a clip, each
+`(stop - start, H, W, 2)` float (e.g. read from a chunked array on disk)."""
+FLOW_BLOCK = 25
+"""Flow fields read at once by the streaming statistics."""
+
+
+class _FlowCursor:
+    """Flow field i of a `FlowReader`, for i increasing: one block of fields in memory."""
+
+    def __init__(self, read: FlowReader, n_flows: int, block: int):
+        self.read, self.n, self.block = read, n_flows, max(1, block)
+        self.start, self.g, self.r = -1, None, None
+
+    def __call__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.g is None or not self.start <= i < self.start + len(self.g):
+            self.start = i
+            self.g, self.r = (np.asarray(a, dtype=np.float32)
+                              for a in self.read(i, min(self.n, i + self.block)))
+        return self.g[i - self.start], self.r[i - self.start]
+
+
+def flow_means(read: FlowReader, n_flows: int, block: int = FLOW_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """`(mean g, mean r)` `(H, W, 2)` float64 over all `n_flows` flow fields, read a block at a time."""
+    sum_g = sum_r = None
+    for start in range(0, n_flows, block):
+        g, r = read(start, min(n_flows, start + block))
+        bg, br = np.sum(g, axis=0, dtype=np.float64), np.sum(r, axis=0, dtype=np.float64)
+        sum_g = bg if sum_g is None else sum_g + bg
+        sum_r = br if sum_r is None else sum_r + br
+    return sum_g / n_flows, sum_r / n_flows
+
+
+def window_moments(read: FlowReader, n_flows: int, window: int, first: int = 0,
+                   stop: int | None = None, shift: tuple[np.ndarray, np.ndarray] | None = None,
+                   block: int = FLOW_BLOCK):
+    """Sliding-window statistics streamed from a `FlowReader`; memory of a few blocks of flow
+    fields, whatever the clip's length.
+
+    For each frame t in `[first, stop)` (default: all `n_flows + 1` frames) yields
+    `(t, moments)`: the `_moments` `(mean g, mean r, var g, var r, cov(g, r))`, each
+    `(H, W, 2)` float64, of the `min(window, n_flows)` flow fields of t's window (see
+    `_window_bounds`), or None when they are frame t-1's. The running sums start at frame
+    `first`'s window, so any range of frames can be computed alone (a chunk of a long clip),
+    equal to the whole-clip pass up to float rounding. They are shifted by the clip's mean
+    flow (`shift`, default `flow_means`) so the subtraction stays accurate.
+    """
+    window = min(window, n_flows)
+    if window < 2:
+        raise ValueError(f"window must be >= 2 flow fields, got {window}")
+    stop = n_flows + 1 if stop is None else stop
+    lo, hi = _window_bounds(n_flows, window)
+    shift_g, shift_r = flow_means(read, n_flows, block) if shift is None else shift
+    sums = np.zeros((5,) + shift_g.shape, dtype=np.float64)
+    ahead, behind = _FlowCursor(read, n_flows, block), _FlowCursor(read, n_flows, block)
+
+    def update(flow: tuple[np.ndarray, np.ndarray], sign: float) -> None:
+        dg = flow[0] - shift_g
+        dr = flow[1] - shift_r
         sums[0] += sign * dg
         sums[1] += sign * dr
         sums[2] += sign * dg * dg
         sums[3] += sign * dr * dr
         sums[4] += sign * dg * dr
 
-    cur_lo, cur_hi = 0, 0
-    for t in range(n + 1):
-        if t > 0 and lo[t] == lo[t - 1]:
-            yield None
+    cur_lo = cur_hi = int(lo[first]) if first < len(lo) else 0
+    for t in range(first, stop):
+        if t > first and lo[t] == lo[t - 1]:
+            yield t, None
             continue
         while cur_hi < hi[t]:
-            update(cur_hi, 1.0)
+            update(ahead(cur_hi), 1.0)
             cur_hi += 1
         while cur_lo < lo[t]:
-            update(cur_lo, -1.0)
+            update(behind(cur_lo), -1.0)
             cur_lo += 1
         mg, mr = sums[0] / window, sums[1] / window
-        yield (mg + shift_g, mr + shift_r, sums[2] / window - mg * mg, sums[3] / window - mr * mr,
-               sums[4] / window - mg * mr)
+        yield t, (mg + shift_g, mr + shift_r, sums[2] / window - mg * mg,
+                  sums[3] / window - mr * mr, sums[4] / window - mg * mr)
+
+
+def window_noise_patterns(read: FlowReader, n_flows: int, window: int, first: int = 0,
+                          stop: int | None = None, shift=None, block: int = FLOW_BLOCK):
+    """Yields `(t, pattern)`: frame t's local noise pattern `(H, W)` float32 (as
+    `noise_pattern_sequence` gives it), for t in `[first, stop)`, streamed (`window_moments`)."""
+    pattern = None
+    for t, m in window_moments(read, n_flows, window, first, stop, shift, block):
+        if m is not None:
+            pattern = _norm_xy(_noise_variance_from_moments(*m[2:]))
+        yield t, pattern
+
+
+def ideal_flow_range(read: FlowReader, n_flows: int, window: int, start: int, stop: int,
+                     shift=None, block: int = FLOW_BLOCK) -> np.ndarray:
+    """`ideal_flow(g, r, window)[start:stop]` `(stop - start, H, W, 2)` float32, streamed:
+    flow field i uses frame i+1's window (`window >= n_flows`: the whole clip's line)."""
+    out = None
+    slope = mean_g = mean_r = None
+    reader = _FlowCursor(read, n_flows, block)
+    for t, m in window_moments(read, n_flows, window, start + 1, stop + 1, shift, block):
+        if m is not None:
+            mean_g, mean_r, _, var_r, cov = m
+            moving = var_r > VAR_EPS
+            slope = np.where(moving, cov / np.where(moving, var_r, 1.0), 0.0)
+        _, r = reader(t - 1)
+        value = slope * (r - mean_r) + mean_g
+        if out is None:
+            out = np.zeros((stop - start,) + value.shape, dtype=np.float32)
+        out[t - 1 - start] = value
+    if out is None:
+        g, _ = read(0, 1)
+        out = np.zeros((0,) + np.shape(g)[1:], dtype=np.float32)
+    return out
 
 
 def gaussian_weights(sigma: np.ndarray, kernel_size: int = DEFAULT_KERNEL_SIZE) -> np.ndarray:

@@ -22,6 +22,8 @@ from freetalk_core.errors import VideoReadError
 AUDIO_RATE = 48000
 """Sample rate of the AAC track written by `write_video`; 1024-sample AAC frames are 21 ms at it."""
 
+SEEK_AHEAD_FRAMES = 50
+"""`read_frames` with indices seeks, rather than decodes, to an index more than this far ahead."""
 _TIME_EPS = 1e-3
 """Seconds of slack when comparing a frame timestamp with an output time (timestamp rounding)."""
 
@@ -114,19 +116,32 @@ def output_frame_count(duration_s: float, fps: float = DEFAULT_FPS) -> int:
     return int(round(duration_s * fps))
 
 
-def _decoded_frames(path) -> Iterator[tuple[float, av.VideoFrame]]:
-    """`(seconds from the first frame, frame)` for every decoded frame of the first video stream."""
+def _decoded_frames(path, from_seconds: float = 0.0) -> Iterator[tuple[float, av.VideoFrame]]:
+    """`(seconds from the first frame, frame)` for the decoded frames of the first video stream:
+    all of them, or with `from_seconds > 0` those from the keyframe at or before that time
+    (FFmpeg's seek; the first frame is decoded once to know where the clip starts)."""
     container = _open(path)
     try:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
         rate = _stream_rate(stream) or DEFAULT_FPS
+        frames = container.decode(stream)
         start, last = None, None
-        for frame in container.decode(stream):
+        if from_seconds > 0:
+            first = next(frames, None)
+            if first is None or first.pts is None:
+                from_seconds = 0.0
+                frames = container.decode(stream) if first is None else iter([first, *frames])
+            else:
+                start = float(first.pts * first.time_base)
+                container.seek(int((start + from_seconds) / stream.time_base), stream=stream,
+                               backward=True, any_frame=False)
+                frames = container.decode(stream)
+        for frame in frames:
             if frame.pts is not None:
                 t = float(frame.pts * frame.time_base)
             else:
-                t = (last if last is not None else 0.0) + 1.0 / rate
+                t = (last if last is not None else (start or 0.0)) + 1.0 / rate
             if start is None:
                 start = t
             last = t
@@ -137,23 +152,36 @@ def _decoded_frames(path) -> Iterator[tuple[float, av.VideoFrame]]:
         container.close()
 
 
-def _resampled(path, fps: float, n_out: int) -> Iterator[tuple[int, "_Shown"]]:
-    """`(k, shown)` for k = 0..n_out-1: the source frame on screen at time k / fps."""
-    k, shown = 0, None
-    for t, frame in _decoded_frames(path):
-        if shown is None:
+def _resampled(path, fps: float, n_out: int, first: int = 0) -> Iterator[tuple[int, "_Shown"]]:
+    """`(k, shown)` for k = first..n_out-1: the source frame on screen at time k / fps. From
+    `first > 0`, decoding seeks to a keyframe before frame `first` instead of starting at the
+    clip's beginning (further back when the seek lands after it)."""
+    back = 0.0
+    while True:
+        seek = max(0.0, first / fps - back) if first > 0 else 0.0
+        k, shown, late = first, None, False
+        for t, frame in _decoded_frames(path, seek):
+            if shown is None and seek > 0 and t > first / fps + _TIME_EPS:
+                late = True
+                break
+            if shown is None:
+                shown = _Shown(frame)
+            while k < n_out and t > k / fps + _TIME_EPS:
+                yield k, shown
+                k += 1
+            if k >= n_out:
+                return
             shown = _Shown(frame)
-        while k < n_out and t > k / fps + _TIME_EPS:
+        if late or (shown is None and seek > 0):
+            # The seek landed after the frame (or nowhere): from further back, at worst from 0.
+            back = 2 * back + 1.0
+            continue
+        if shown is None:
+            raise _read_error(path, "no frame could be decoded")
+        while k < n_out:
             yield k, shown
             k += 1
-        if k >= n_out:
-            return
-        shown = _Shown(frame)
-    if shown is None:
-        raise _read_error(path, "no frame could be decoded")
-    while k < n_out:
-        yield k, shown
-        k += 1
+        return
 
 
 class _Shown:
@@ -175,7 +203,7 @@ def read_frames(path, fps: float = DEFAULT_FPS,
 
     The clip gives `output_frame_count(probe(path).duration, fps)` frames; frame `k` is the source
     frame shown at time `k / fps`. With `indices`, only those output frames are yielded, in the
-    given order (repeats allowed; a decreasing index restarts decoding). Streams: holds at most
+    given order (repeats allowed; a decreasing or far-ahead index seeks). Streams: holds at most
     the frame on screen, never the whole video.
     """
     if fps <= 0:
@@ -190,11 +218,16 @@ def read_frames(path, fps: float = DEFAULT_FPS,
         raise ValueError(f"indices must lie in [0, {n_out}) for {path} at {fps} fps")
     frames, k, shown = None, -1, None
     for index in wanted:
-        if frames is None or index < k:
-            frames, k, shown = _resampled(path, fps, n_out), -1, None
+        if frames is None or index < k or index > k + SEEK_AHEAD_FRAMES:
+            # Backwards, or far ahead: seek near the frame rather than decode up to it.
+            if frames is not None:
+                frames.close()
+            frames, k, shown = _resampled(path, fps, n_out, int(index)), int(index) - 1, None
         while k < index:
             k, shown = next(frames)
         yield shown.array()
+    if frames is not None:
+        frames.close()
 
 
 def read_video(path, fps: float = DEFAULT_FPS, max_frames: int | None = None) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 import threading
 import time
@@ -11,20 +12,42 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+import numpy as np
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from freetalk_core import DEFAULT_FPS
 from freetalk_core.errors import FreetalkError
-from storage import Store
+from storage import Store, sha256_file
 
-CODE_VERSION = "2"
+CODE_VERSION = "3"
 """Bumped when a stage's results change for the same inputs and parameters."""
 
-STAGE_CACHE = TASK_SOURCE + (INPUTS - "job")
-"""Prefect cache: the task's source plus its inputs other than `job`. Stage keys already
-fold in every job field that can change a stage's result, and `job` also carries settings that
-must not (device, batch size)."""
+KEEP_CHOICES = ("all", "final")
+"""What a done item keeps: every stage's arrays, or only its output, stage rows, metrics and
+small per-item results (`storage.Store.drop_intermediates`)."""
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry condition: retry I/O hiccups and out-of-memory, never a user-fixable error or a
+    bug (those fail the same way again)."""
+    try:
+        state.result()
+    except FreetalkError:
+        return False
+    except (TimeoutError, ConnectionError, BlockingIOError, InterruptedError):
+        return True
+    except Exception as exc:  # noqa: BLE001 - classified by message below
+        return "out of memory" in str(exc).lower()
+    return False
+
+
+STAGE_TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=1,
+                  retry_condition_fn=is_transient)
+"""Options of every stage task. No Prefect result cache: the store's stage rows are the one
+record of what is done (Prefect's cache would key on the job, whose absolute paths change when
+a store or the models move, and would duplicate what the rows say); a task that finds all its
+chunks done returns at once."""
 
 
 class ItemJob(BaseModel):
@@ -54,6 +77,7 @@ class ItemJob(BaseModel):
     batch_size: int | None = None
     chunk_frames: int = 25
     device: str = "auto"
+    keep: str = "all"
     mark: bool = True
     """Invisible watermark in the output (off only for research evaluation runs)."""
     label: str | None = None
@@ -83,16 +107,66 @@ def stage_key(stage: str, params: dict[str, Any], upstream: list[StageRef] = ())
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+FINGERPRINT_CACHE = ".freetalk-fingerprint.json"
+"""File in a models folder that remembers each file's sha256 by (relative path, size,
+modification time), so a file is hashed again only when it changes."""
+
+
 def models_fingerprint(models_dir: Path, component: str) -> str:
-    """Cheap fingerprint of a model folder: relative paths, sizes and modification times."""
-    root = Path(models_dir) / component
+    """Content fingerprint of a model folder: the relative paths and sha256 of its files.
+
+    The same files give the same fingerprint wherever the folder is (copied, moved, with new
+    modification times); `FINGERPRINT_CACHE` only saves re-reading unchanged files."""
+    root = Path(models_dir)
+    folder = root / component
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    cache = _read_fingerprint_cache(root)
+    changed = False
     entries = []
-    if root.exists():
-        for path in sorted(root.rglob("*")):
-            if path.is_file():
-                stat = path.stat()
-                entries.append((str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns))
+    for path in files:
+        relative = path.relative_to(root).as_posix()
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        known = cache.get(relative)
+        if not known or known.get("stamp") != stamp:
+            known = cache[relative] = {"stamp": stamp, "sha256": sha256_file(path)}
+            changed = True
+        entries.append((path.relative_to(folder).as_posix(), known["sha256"]))
+    if changed:
+        _write_fingerprint_cache(root, cache)
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def _read_fingerprint_cache(root: Path) -> dict:
+    try:
+        return json.loads((root / FINGERPRINT_CACHE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_fingerprint_cache(root: Path, cache: dict) -> None:
+    """Best effort (a read-only models folder is fine): written whole, then renamed."""
+    tmp = root / f"{FINGERPRINT_CACHE}.{os.getpid()}.tmp"
+    try:
+        merged = {**_read_fingerprint_cache(root), **cache}
+        tmp.write_text(json.dumps(merged, sort_keys=True))
+        os.replace(tmp, root / FINGERPRINT_CACHE)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+MASK_SCALE = 255
+"""`face_crop/mouth_masks` are stored as uint8: weight = value / MASK_SCALE."""
+
+
+def mask_weights(masks: np.ndarray) -> np.ndarray:
+    """Stored `(..., H, W) uint8` mouth masks as `float32` weights in [0, 1]."""
+    return np.asarray(masks, dtype=np.float32) / MASK_SCALE
+
+
+def mask_values(weights: np.ndarray) -> np.ndarray:
+    """`float` weights in [0, 1] as the stored `uint8` mouth masks."""
+    return np.clip(np.rint(np.asarray(weights) * MASK_SCALE), 0, MASK_SCALE).astype(np.uint8)
 
 
 def chunk_ranges(n_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
@@ -123,20 +197,6 @@ def recorded_chunk(store: Store, item_id: str, stage: str, chunk: int, key: str,
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, FreetalkError) else text
-
-
-def is_transient(task, task_run, state) -> bool:
-    """Retry condition: retry I/O hiccups and out-of-memory, never a user-fixable error or a
-    bug (those fail the same way again)."""
-    try:
-        state.result()
-    except FreetalkError:
-        return False
-    except (TimeoutError, ConnectionError, BlockingIOError, InterruptedError):
-        return True
-    except Exception as exc:  # noqa: BLE001 - classified by message below
-        return "out of memory" in str(exc).lower()
-    return False
 
 
 def resolve_device(device: str) -> str:

@@ -2,40 +2,30 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 from prefect import task
 
 from freetalk_core import CROP_SIZE
 from freetalk_core import diffusion as dm
-from tasks.common import (
-    STAGE_CACHE,
-    ItemJob,
-    StageRef,
-    chunk_ranges,
-    is_transient,
-    load_cached,
-    progress,
-    recorded_chunk,
-    resolve_device,
-)
+from tasks.chunks import StageRun
+from tasks.face_crop import MASK_TILE, mouth_box_frames
+from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached, mask_weights, resolve_device
 
 STAGE = "diffusion"
 
 
-@task(name="diffusion", cache_policy=STAGE_CACHE, persist_result=True, retries=1, retry_condition_fn=is_transient)
+@task(name="diffusion", **STAGE_TASK)
 def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
               controlled: StageRef) -> StageRef:
-    """`diffusion/frames (T, 512, 512, 3) uint8`: generated crops."""
-    store = job.open_store()
+    """`diffusion/frames (T, 512, 512, 3) uint8`: generated crops inside the mouth box
+    (`face_crop` attrs `box`), 0 outside it."""
     item, n = job.item_id, controlled.frames
-    chunks = chunk_ranges(n, job.chunk_frames)
-    done = store.done_chunks(item, STAGE, key)
-    if len(done) == len(chunks):
+    run = StageRun(job, STAGE, key, n)
+    if run.complete:
+        run.close()
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
-
+    store = run.store
     device = resolve_device(job.device)
     dtype = torch.float16 if device == "cuda" else torch.float32
 
@@ -51,25 +41,20 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
     id_crops = store.array(item, "face_crop", "identity_crops")
     masks = store.array(item, "face_crop", "mouth_masks")
     adjusted = store.array(item, "controller", "embeddings")
-    out = store.open_array(item, STAGE, "frames", (n, CROP_SIZE, CROP_SIZE, 3), np.uint8,
-                           job.chunk_frames)
-    todo = [(chunk, start, stop) for chunk, (start, stop) in enumerate(chunks) if chunk not in done]
+    box = store.attrs(item, "face_crop")["box"]
+    out = store.open_array(item, STAGE, "frames", (n, CROP_SIZE, CROP_SIZE, 3), np.uint8, job.chunk_frames,
+                           tile=MASK_TILE)
 
-    def read_inputs(start: int, stop: int):
-        return id_crops[start:stop], masks[start:stop], adjusted[start:stop].astype(np.float32)
+    def read(start, stop):
+        return id_crops[start:stop], mask_weights(masks[start:stop]), adjusted[start:stop].astype(np.float32)
 
-    # The next chunk's inputs are read and decompressed from the store while the current
-    # chunk is generated.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusion-read") as reader:
-        upcoming = reader.submit(read_inputs, *todo[0][1:]) if todo else None
-        for i, (chunk, start, stop) in enumerate(todo):
-            progress.update(item, STAGE, chunk, len(chunks))
-            frames, chunk_masks, embeddings_in = upcoming.result()
-            if i + 1 < len(todo):
-                upcoming = reader.submit(read_inputs, *todo[i + 1][1:])
-            with recorded_chunk(store, item, STAGE, chunk, key, frames=stop - start):
-                out[start:stop] = dm.generate_in_batches(
-                    pipe, frames, chunk_masks, embeddings_in, negative, identity, noise,
-                    batch_size=job.batch_size, steps=job.steps, guidance=job.guidance,
-                    ip_scale=job.ip_adapter_scale)
+    def compute(start, stop, inputs):
+        frames, chunk_masks, embeddings_in = inputs
+        out[start:stop] = mouth_box_frames(dm.generate_in_batches(
+            pipe, frames, chunk_masks, embeddings_in, negative, identity, noise,
+            batch_size=job.batch_size, steps=job.steps, guidance=job.guidance,
+            ip_scale=job.ip_adapter_scale), box)
+
+    run.run_chunks(compute, read)
+    run.close()
     return StageRef(item_id=item, stage=STAGE, key=key, frames=n)

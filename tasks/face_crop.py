@@ -1,60 +1,79 @@
-"""Stage 1: decode both videos, track landmarks, align 512x512 crops, mouth masks."""
+"""Stage 1: decode both videos, track landmarks, align 512x512 crops, mouth masks.
+
+The whole-clip part (tracking both videos, filling and smoothing the tracks, crop transforms)
+is the `SETUP` unit; crops and masks are then made a chunk of output frames at a time, each
+chunk decoding only the source frames it needs. Decoded full frames are never stored.
+"""
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from itertools import islice
+from typing import Iterator
 
 import numpy as np
 from prefect import task
 
 from freetalk_core import CROP_SIZE, video
 from freetalk_core import face_crop as fc
-from storage import Store
-from tasks.common import STAGE_CACHE, ItemJob, StageRef, chunk_ranges, is_transient, load_cached, recorded_chunk
+from freetalk_core import flow
+from tasks.chunks import StageRun
+from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached, mask_values
 
 STAGE = "face_crop"
+MASK_TILE = 64
+"""Side of the stored pieces of frames that hold data in the mouth box only (`mouth_box_frames`)."""
 
 
-def _store_frames(frames: Iterable[np.ndarray], store: Store, item_id: str, name: str,
-                  chunk_frames: int) -> Iterator[np.ndarray]:
-    """Pass frames through while writing them to `face_crop/<name>` in whole chunks."""
-    array = None
-    buffer: list[np.ndarray] = []
-    written = 0
-
-    def flush():
-        nonlocal array, written
-        block = np.stack(buffer)
-        if array is None:
-            array = store.create_array(item_id, STAGE, name, (0,) + block.shape[1:], np.uint8,
-                                       chunk_frames)
-        array.resize((written + len(block),) + block.shape[1:])
-        array[written:written + len(block)] = block
-        written += len(block)
-        buffer.clear()
-
-    for frame in frames:
-        buffer.append(frame)
-        yield frame
-        if len(buffer) == chunk_frames:
-            flush()
-    if buffer:
-        flush()
+def mouth_box(masks, margin: int = flow.DEFAULT_BOX_MARGIN) -> tuple[int, int, int, int]:
+    """`(x0, y0, x1, y1)` around every frame's mask of `masks (T, H, W)` (read 64 frames at a
+    time), plus `margin` pixels; the whole crop when every mask is empty."""
+    union = np.zeros(masks.shape[1:], dtype=bool)
+    for start in range(0, masks.shape[0], 64):
+        union |= (masks[start:start + 64] > 0).any(axis=0)
+    box = flow.mouth_box(union, margin)
+    return box if box is not None else (0, 0, int(masks.shape[2]), int(masks.shape[1]))
 
 
-def _track(path: str, job: ItemJob, store: Store, name: str, detector) -> tuple[np.ndarray, ...]:
-    frames = _store_frames(video.read_frames(path, fps=job.fps), store, job.item_id,
-                           f"{name}_frames", job.chunk_frames)
-    landmarks, found = fc.track_landmarks(frames, detector)
+def mouth_box_frames(frames: np.ndarray, box) -> np.ndarray:
+    """`frames (T, H, W, 3)` with everything outside the mouth `box` set to 0. Nothing reads
+    generated or filtered crops outside the box (the mouth mask lies inside it), and arrays
+    created with `tile=MASK_TILE` do not store the all-zero pieces."""
+    x0, y0, x1, y1 = box
+    out = np.zeros_like(frames)
+    out[:, y0:y1, x0:x1] = frames[:, y0:y1, x0:x1]
+    return out
+
+
+def _track(path: str, job: ItemJob, detector) -> tuple[np.ndarray, ...]:
+    """Landmarks of every frame of `path`, streamed: one decoded frame in memory at a time."""
+    landmarks, found = fc.track_landmarks(video.read_frames(path, fps=job.fps), detector)
     smoothed, passthrough = fc.fill_and_smooth(landmarks, found, source=path)
     return smoothed, found, passthrough
 
 
-def _warp_range(frames, indices: np.ndarray, transforms: np.ndarray) -> np.ndarray:
-    """Crops of `frames[indices]`, reading the covering range of the Zarr array once."""
-    low, high = int(indices.min()), int(indices.max()) + 1
-    block = frames[low:high]
-    return np.stack([fc.warp_to_crop(block[i - low], transforms[i], CROP_SIZE) for i in indices])
+class SourceFrames:
+    """Decoded source frames of one video for successive chunks of output frames.
+
+    `index` `(T,)` maps output frames to source frames; `chunks` are the `(start, stop)` output
+    ranges that will be asked for, in order. One decoder runs through them, seeking only where
+    a chunk's frames lie behind the last one (a ping-pong loop) or far ahead.
+    """
+
+    def __init__(self, path: str, fps: float, index: np.ndarray, chunks: list[tuple[int, int]]):
+        self.index = np.asarray(index)
+        self.wanted = [np.unique(self.index[start:stop]) for start, stop in chunks]
+        order = np.concatenate(self.wanted) if self.wanted else np.zeros(0, np.int64)
+        self._frames: Iterator[np.ndarray] = video.read_frames(path, fps=fps, indices=order)
+        self._next = 0
+
+    def __call__(self, start: int, stop: int) -> dict[int, np.ndarray]:
+        """`{source index: (H, W, 3) uint8}` for output frames `[start, stop)`; chunks must be
+        asked for in the order given."""
+        wanted = self.wanted[self._next]
+        if not np.array_equal(wanted, np.unique(self.index[start:stop])):
+            raise ValueError(f"chunk [{start}, {stop}) asked for out of order")
+        self._next += 1
+        return dict(zip(wanted.tolist(), islice(self._frames, len(wanted))))
 
 
 def output_length(job: ItemJob, n_lip_frames: int) -> int:
@@ -64,63 +83,83 @@ def output_length(job: ItemJob, n_lip_frames: int) -> int:
     return n_lip_frames
 
 
-@task(name="face_crop", cache_policy=STAGE_CACHE, persist_result=True, retries=1, retry_condition_fn=is_transient)
+def _setup(job: ItemJob, run: StageRun) -> None:
+    store, item = run.store, job.item_id
+    detector = load_cached("landmark detector", fc.LandmarkDetector)
+    id_lm, id_found, id_pass = _track(job.identity, job, detector)
+    lip_lm, lip_found, _ = _track(job.lip_ref, job, detector)
+    n_frames = output_length(job, len(lip_lm))
+    id_index = video.pingpong_indices(len(id_lm), n_frames)
+    lip_index = video.pingpong_indices(len(lip_lm), n_frames)
+    id_m = fc.crop_transforms(id_lm, CROP_SIZE)
+    lip_m = fc.crop_transforms(lip_lm, CROP_SIZE)
+
+    def per_output(name, values, index, dtype):
+        store.write_array(item, STAGE, name, np.asarray(values)[index].astype(dtype), job.chunk_frames)
+
+    per_output("identity_index", np.arange(len(id_lm)), id_index, np.int64)
+    per_output("lip_ref_index", np.arange(len(lip_lm)), lip_index, np.int64)
+    per_output("identity_transforms", id_m, id_index, np.float32)
+    per_output("lip_ref_transforms", lip_m, lip_index, np.float32)
+    per_output("identity_face_found", id_found, id_index, bool)
+    per_output("lip_ref_face_found", lip_found, lip_index, bool)
+    per_output("identity_passthrough", id_pass, id_index, bool)
+    per_output("identity_landmarks", fc.transform_points(id_lm, id_m[:, None]), id_index, np.float32)
+    per_output("lip_ref_landmarks", fc.transform_points(lip_lm, lip_m[:, None]), lip_index, np.float32)
+    store.set_attrs(item, STAGE, n_frames=int(n_frames), fps=float(job.fps),
+                    identity_source_frames=int(len(id_lm)),
+                    lip_ref_source_frames=int(len(lip_lm)),
+                    identity_frames_without_face=int((~id_found).sum()),
+                    lip_ref_frames_without_face=int((~lip_found).sum()))
+
+
+@task(name="face_crop", **STAGE_TASK)
 def face_crop(job: ItemJob, key: str) -> StageRef:
-    """Crops, landmarks, transforms and mouth masks for every output frame."""
-    store = job.open_store()
-    if 0 in store.done_chunks(job.item_id, STAGE, key):
-        return StageRef(item_id=job.item_id, stage=STAGE, key=key,
-                        frames=store.attrs(job.item_id, STAGE)["n_frames"])
+    """Crops `(T, 512, 512, 3) uint8`, landmarks, transforms and `mouth_masks (T, 512, 512)
+    uint8` (weight * 255) for every output frame; then (`FINISH`) the mouth `box` around every
+    mask, `(x0, y0, x1, y1)` crop px."""
+    run = StageRun(job, STAGE, key, None, setup=True, finish=True)
+    store, item = run.store, job.item_id
+    run.setup(lambda: _setup(job, run))
+    attrs = store.attrs(item, STAGE)
+    n_frames = int(attrs["n_frames"])
+    run.set_frames(n_frames)
+    for role in ("identity", "lip_ref"):
+        if attrs[f"{role}_frames_without_face"]:
+            run.warn(f"{attrs[f'{role}_frames_without_face']} of {attrs[f'{role}_source_frames']} "
+                     f"{role} frames without a face")
+    if run.complete:
+        run.close()
+        return StageRef(item_id=item, stage=STAGE, key=key, frames=n_frames)
 
-    with recorded_chunk(store, job.item_id, STAGE, 0, key) as row:
-        store.stage_group(job.item_id, STAGE, reset=True)
-        detector = load_cached("landmark detector", fc.LandmarkDetector)
-        id_lm, id_found, id_pass = _track(job.identity, job, store, "identity", detector)
-        lip_lm, lip_found, _ = _track(job.lip_ref, job, store, "lip_ref", detector)
-        n_frames = output_length(job, len(lip_lm))
-        id_index = video.pingpong_indices(len(id_lm), n_frames)
-        lip_index = video.pingpong_indices(len(lip_lm), n_frames)
-        id_m = fc.crop_transforms(id_lm, CROP_SIZE)
-        lip_m = fc.crop_transforms(lip_lm, CROP_SIZE)
+    id_index = store.read(item, STAGE, "identity_index")
+    lip_index = store.read(item, STAGE, "lip_ref_index")
+    id_m = store.read(item, STAGE, "identity_transforms")
+    lip_m = store.read(item, STAGE, "lip_ref_transforms")
+    id_pass = store.read(item, STAGE, "identity_passthrough")
+    id_crop_lm = store.read(item, STAGE, "identity_landmarks")
+    crop_shape = (n_frames, CROP_SIZE, CROP_SIZE, 3)
+    id_crops = store.open_array(item, STAGE, "identity_crops", crop_shape, np.uint8, job.chunk_frames)
+    lip_crops = store.open_array(item, STAGE, "lip_ref_crops", crop_shape, np.uint8, job.chunk_frames)
+    masks = store.open_array(item, STAGE, "mouth_masks", crop_shape[:3], np.uint8, job.chunk_frames)
+    pending = [(start, stop) for _, start, stop in run.pending_chunks()]
+    id_frames = SourceFrames(job.identity, job.fps, id_index, pending)
+    lip_frames = SourceFrames(job.lip_ref, job.fps, lip_index, pending)
 
-        def per_output(name, values, index, dtype):
-            store.write_array(job.item_id, STAGE, name, np.asarray(values)[index].astype(dtype),
-                              job.chunk_frames)
+    def read(start, stop):
+        return id_frames(start, stop), lip_frames(start, stop)
 
-        per_output("identity_index", np.arange(len(id_lm)), id_index, np.int64)
-        per_output("lip_ref_index", np.arange(len(lip_lm)), lip_index, np.int64)
-        per_output("identity_transforms", id_m, id_index, np.float32)
-        per_output("lip_ref_transforms", lip_m, lip_index, np.float32)
-        per_output("identity_face_found", id_found, id_index, bool)
-        per_output("lip_ref_face_found", lip_found, lip_index, bool)
-        per_output("identity_passthrough", id_pass, id_index, bool)
-        id_crop_lm = fc.transform_points(id_lm, id_m[:, None])
-        lip_crop_lm = fc.transform_points(lip_lm, lip_m[:, None])
-        per_output("identity_landmarks", id_crop_lm, id_index, np.float32)
-        per_output("lip_ref_landmarks", lip_crop_lm, lip_index, np.float32)
+    def compute(start, stop, frames):
+        ids, lips = frames
+        id_crops[start:stop] = np.stack([fc.warp_to_crop(ids[id_index[t]], id_m[t], CROP_SIZE)
+                                         for t in range(start, stop)])
+        lip_crops[start:stop] = np.stack([fc.warp_to_crop(lips[lip_index[t]], lip_m[t], CROP_SIZE)
+                                          for t in range(start, stop)])
+        masks[start:stop] = np.stack([
+            np.zeros((CROP_SIZE, CROP_SIZE), np.uint8) if id_pass[t]
+            else mask_values(fc.mouth_mask(id_crop_lm[t], CROP_SIZE)) for t in range(start, stop)])
 
-        crop_shape = (n_frames, CROP_SIZE, CROP_SIZE, 3)
-        id_crops = store.create_array(job.item_id, STAGE, "identity_crops", crop_shape, np.uint8,
-                                      job.chunk_frames)
-        lip_crops = store.create_array(job.item_id, STAGE, "lip_ref_crops", crop_shape, np.uint8,
-                                       job.chunk_frames)
-        masks = store.create_array(job.item_id, STAGE, "mouth_masks", crop_shape[:3], np.float32,
-                                   job.chunk_frames)
-        id_frames = store.array(job.item_id, STAGE, "identity_frames")
-        lip_frames = store.array(job.item_id, STAGE, "lip_ref_frames")
-        for start, stop in chunk_ranges(n_frames, job.chunk_frames):
-            ids, lips = id_index[start:stop], lip_index[start:stop]
-            id_crops[start:stop] = _warp_range(id_frames, ids, id_m)
-            lip_crops[start:stop] = _warp_range(lip_frames, lips, lip_m)
-            masks[start:stop] = np.stack([
-                np.zeros((CROP_SIZE, CROP_SIZE), np.float32) if id_pass[i]
-                else fc.mouth_mask(id_crop_lm[i], CROP_SIZE) for i in ids])
-        # The lip reference's full frames are not needed past this stage.
-        del store.stage_group(job.item_id, STAGE)["lip_ref_frames"]
-        row["frames"] = int(n_frames)
-        store.set_attrs(job.item_id, STAGE, n_frames=int(n_frames), fps=float(job.fps),
-                        identity_source_frames=int(len(id_lm)),
-                        lip_ref_source_frames=int(len(lip_lm)),
-                        identity_frames_without_face=int((~id_found).sum()),
-                        lip_ref_frames_without_face=int((~lip_found).sum()))
-    return StageRef(item_id=job.item_id, stage=STAGE, key=key, frames=int(n_frames))
+    run.run_chunks(compute, read)
+    run.finish(lambda: store.set_attrs(item, STAGE, box=list(mouth_box(masks))))
+    run.close()
+    return StageRef(item_id=item, stage=STAGE, key=key, frames=n_frames)

@@ -1,4 +1,10 @@
-"""Stage 2: fit the 3D morphable face model to both landmark tracks."""
+"""Stage 2: fit the 3D morphable face model to both landmark tracks.
+
+Each distinct source frame of each video is fitted once, a chunk of source frames at a time
+(identity chunks first, then the lip reference's); the `FINISH` unit smooths both clips' fits
+over time, computes the fit errors and the identity's shape, and spreads the fits over the
+output frames.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +15,12 @@ from prefect import task
 
 from freetalk_core import fit_3dmm as fit
 from storage import Store
-from tasks.common import STAGE_CACHE, ItemJob, StageRef, is_transient, load_cached, recorded_chunk
+from tasks.chunks import StageRun
+from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges, load_cached
 
 STAGE = "fit_3dmm"
 ROLES = ("identity", "lip_ref")
-
-
-def _fit_role(model, store: Store, job: ItemJob, role: str):
-    """Fit each distinct source frame once, then spread the result over output frames."""
-    landmarks = store.read(job.item_id, "face_crop", f"{role}_landmarks")
-    source_index = store.read(job.item_id, "face_crop", f"{role}_index")
-    sources, first, inverse = np.unique(source_index, return_index=True, return_inverse=True)
-    result = fit.fit_landmarks(model, landmarks[first])
-    for field in dataclasses.fields(result):
-        value = np.asarray(getattr(result, field.name))
-        if value.ndim and value.shape[0] == len(sources):
-            value = value[inverse]
-        store.write_array(job.item_id, STAGE, f"{role}_{field.name}", value, job.chunk_frames)
-    return result
+FIELDS = [f.name for f in dataclasses.fields(fit.FitResult) if f.name != "size"]
 
 
 def load_fit(store: Store, item_id: str, role: str):
@@ -38,19 +32,61 @@ def load_fit(store: Store, item_id: str, role: str):
     return fit.FitResult(**values)
 
 
-@task(name="fit_3dmm", cache_policy=STAGE_CACHE, persist_result=True, retries=1, retry_condition_fn=is_transient)
+def _sources(store: Store, item_id: str, role: str):
+    """`(distinct source frames' first output frame, output -> distinct index)`."""
+    source_index = store.read(item_id, "face_crop", f"{role}_index")
+    _, first, inverse = np.unique(source_index, return_index=True, return_inverse=True)
+    return first, inverse
+
+
+@task(name="fit_3dmm", **STAGE_TASK)
 def fit_3dmm(job: ItemJob, key: str, crops: StageRef) -> StageRef:
     """Identity shape (one per clip), per-frame pose and expression for both videos."""
-    store = job.open_store()
-    if 0 not in store.done_chunks(job.item_id, STAGE, key):
-        with recorded_chunk(store, job.item_id, STAGE, 0, key, frames=crops.frames):
-            store.stage_group(job.item_id, STAGE, reset=True)
-            model = load_cached("face model", lambda: fit.load_face_model(job.models_dir / "eos"),
-                                models=job.models_dir, components=("eos",))
-            identity = _fit_role(model, store, job, "identity")
-            lip_ref = _fit_role(model, store, job, "lip_ref")
-            store.write_array(job.item_id, STAGE, "identity_shape", fit.identity_shape(identity))
-            store.set_attrs(job.item_id, STAGE,
-                            identity_fit_error_px=float(np.mean(identity.fit_error)),
-                            lip_ref_fit_error_px=float(np.mean(lip_ref.fit_error)))
-    return StageRef(item_id=job.item_id, stage=STAGE, key=key, frames=crops.frames)
+    store, item = job.open_store(), job.item_id
+    sources = {role: _sources(store, item, role) for role in ROLES}
+    # One axis over both videos' distinct source frames: identity's, then the lip reference's.
+    offset = {"identity": 0, "lip_ref": len(sources["identity"][0])}
+    total = offset["lip_ref"] + len(sources["lip_ref"][0])
+    chunks = (chunk_ranges(offset["lip_ref"], job.chunk_frames)
+              + [(offset["lip_ref"] + a, offset["lip_ref"] + b)
+                 for a, b in chunk_ranges(total - offset["lip_ref"], job.chunk_frames)])
+    run = StageRun(job, STAGE, key, crops.frames, chunks=chunks, finish=True)
+    if run.complete:
+        run.close()
+        return StageRef(item_id=item, stage=STAGE, key=key, frames=crops.frames)
+
+    model = load_cached("face model", lambda: fit.load_face_model(job.models_dir / "eos"),
+                        models=job.models_dir, components=("eos",))
+    landmarks = {role: store.read(item, "face_crop", f"{role}_landmarks")[sources[role][0]]
+                 for role in ROLES}
+    empty = fit.fit_frames(model, landmarks["identity"][:0])
+    raw = {name: store.open_array(item, STAGE, f"raw_{name}", (total,) + getattr(empty, name).shape[1:],
+                                  np.float32, job.chunk_frames) for name in FIELDS}
+
+    def compute(start, stop, _):
+        role = "identity" if start < offset["lip_ref"] else "lip_ref"
+        a, b = start - offset[role], stop - offset[role]
+        result = fit.fit_frames(model, landmarks[role][a:b])
+        for name in FIELDS:
+            raw[name][start:stop] = getattr(result, name)
+
+    def finish():
+        fits = {}
+        for role in ROLES:
+            a, b = offset[role], offset[role] + len(sources[role][0])
+            per_source = fit.FitResult(**{name: raw[name][a:b] for name in FIELDS})
+            fits[role] = fit.finish_fit(model, per_source, landmarks[role])
+            inverse = sources[role][1]
+            for name in FIELDS:
+                store.write_array(item, STAGE, f"{role}_{name}", getattr(fits[role], name)[inverse],
+                                  job.chunk_frames)
+            store.write_array(item, STAGE, f"{role}_size", np.array(fits[role].size))
+        store.write_array(item, STAGE, "identity_shape", fit.identity_shape(fits["identity"]))
+        store.set_attrs(item, STAGE,
+                        identity_fit_error_px=float(np.mean(fits["identity"].fit_error)),
+                        lip_ref_fit_error_px=float(np.mean(fits["lip_ref"].fit_error)))
+
+    run.run_chunks(compute)
+    run.finish(finish)
+    run.close()
+    return StageRef(item_id=item, stage=STAGE, key=key, frames=crops.frames)

@@ -7,23 +7,24 @@ from prefect import task
 
 from freetalk_core import flow
 from storage import Store
-from tasks.common import STAGE_CACHE, ItemJob, StageRef, chunk_ranges, is_transient, progress, recorded_chunk
+from tasks.chunks import StageRun
+from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges
 
 STAGE = "optical_flow"
-BOX_MARGIN = 16
+FLOW_STEP = 1.0 / 64
+"""Stored flow fields are int16 multiples of this (px): 1/64 px resolution, +-512 px range
+(more than a crop). Quantised, the smooth fields compress far better than float16 (10x on the
+sample pair, bench/store_scale.py); the Noise Sensor reads them back as float32 (`read_flows`)."""
 
 
-def mouth_box(masks, margin: int = BOX_MARGIN) -> tuple[int, int, int, int]:
-    """`(x0, y0, x1, y1)` around every frame's mouth mask, plus `margin` pixels."""
-    union = np.zeros(masks.shape[1:], dtype=bool)
-    for start in range(0, masks.shape[0], 64):
-        union |= (masks[start:start + 64] > 0).any(axis=0)
-    if not union.any():
-        return 0, 0, int(masks.shape[2]), int(masks.shape[1])
-    ys, xs = np.nonzero(union)
-    h, w = union.shape
-    return (max(0, int(xs.min()) - margin), max(0, int(ys.min()) - margin),
-            min(w, int(xs.max()) + 1 + margin), min(h, int(ys.max()) + 1 + margin))
+def flow_values(flow_field: np.ndarray) -> np.ndarray:
+    """`(..., 2)` float px -> the stored int16."""
+    return np.clip(np.rint(np.asarray(flow_field) / FLOW_STEP), -32768, 32767).astype(np.int16)
+
+
+def read_flows(array, start: int | None = None, stop: int | None = None) -> np.ndarray:
+    """Stored flow fields `[start, stop)` as `(n, h, w, 2) float32` px."""
+    return np.asarray(array[start:stop], dtype=np.float32) * np.float32(FLOW_STEP)
 
 
 def reference_frames(store: Store, job: ItemJob):
@@ -35,33 +36,35 @@ def reference_frames(store: Store, job: ItemJob):
     raise ValueError(f"flow_reference must be 'structure' or 'identity', got {job.flow_reference!r}")
 
 
-@task(name="optical_flow", cache_policy=STAGE_CACHE, persist_result=True, retries=1, retry_condition_fn=is_transient)
+@task(name="optical_flow", **STAGE_TASK)
 def optical_flow(job: ItemJob, key: str, crops: StageRef, structure: StageRef,
                  generated: StageRef) -> StageRef:
-    """`generated_flow`, `reference_flow` `(T-1, h, w, 2) float32` inside the mouth box."""
-    store = job.open_store()
+    """The mouth `box` (the `SETUP` unit), then `generated_flow`, `reference_flow`
+    `(T-1, h, w, 2) int16` (multiples of `FLOW_STEP` px) inside it, a chunk of flow fields at a time."""
     item, n = job.item_id, generated.frames
     pairs = max(0, n - 1)
-    chunks = chunk_ranges(pairs, job.chunk_frames) if pairs else []
-    done = store.done_chunks(item, STAGE, key)
-    if -1 in done and all(c in done for c in range(len(chunks))):
+    run = StageRun(job, STAGE, key, n, setup=True, chunks=chunk_ranges(pairs, job.chunk_frames) if pairs else [])
+    if run.complete:
+        run.close()
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
-
-    box = mouth_box(store.array(item, "face_crop", "mouth_masks"))
-    x0, y0, x1, y1 = box
+    store = run.store
+    run.setup(lambda: store.set_attrs(item, STAGE, reference=job.flow_reference,
+                                      box=store.attrs(item, "face_crop")["box"]))
+    x0, y0, x1, y1 = store.attrs(item, STAGE)["box"]
     shape = (pairs, y1 - y0, x1 - x0, 2)
     sources = {"generated_flow": store.array(item, "diffusion", "frames"),
                "reference_flow": reference_frames(store, job)}
-    outputs = {name: store.open_array(item, STAGE, name, shape, np.float32, job.chunk_frames)
+    outputs = {name: store.open_array(item, STAGE, name, shape, np.int16, job.chunk_frames)
                for name in sources}
-    for chunk, (start, stop) in enumerate(chunks):
-        progress.update(item, STAGE, chunk, len(chunks))
-        if chunk in done:
-            continue
-        with recorded_chunk(store, item, STAGE, chunk, key, frames=stop - start):
-            for name, frames in sources.items():
-                # Flow pairs start..stop need frames start..stop inclusive.
-                outputs[name][start:stop] = flow.optical_flow(frames[start:stop + 1, y0:y1, x0:x1])
-    with recorded_chunk(store, item, STAGE, -1, key, frames=n):
-        store.set_attrs(item, STAGE, box=list(box), reference=job.flow_reference)
+
+    def read(start, stop):
+        # Flow pairs start..stop need frames start..stop inclusive.
+        return {name: frames[start:stop + 1, y0:y1, x0:x1] for name, frames in sources.items()}
+
+    def compute(start, stop, frames):
+        for name, block in frames.items():
+            outputs[name][start:stop] = flow_values(flow.optical_flow(block))
+
+    run.run_chunks(compute, read)
+    run.close()
     return StageRef(item_id=item, stage=STAGE, key=key, frames=n)

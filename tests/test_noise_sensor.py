@@ -469,3 +469,30 @@ def test_filtering_along_the_motion_removes_jitter_without_blurring_the_motion()
     # Measured: noisy 21.6 dB, in place 23.5 dB, along the motion 25.1 dB.
     assert along > psnr(noisy) + 2.0
     assert along > in_place + 1.0
+
+
+@pytest.mark.parametrize("window", [6, 1000])
+def test_streamed_statistics_of_any_chunk_equal_the_whole_clip(window):
+    """The pipeline reads flows a block at a time and computes each chunk's statistics alone:
+    the same patterns and ideal flow as the in-memory whole-clip functions, to float rounding."""
+    rng = np.random.default_rng(11)
+    n_flows = 31
+    r = rng.normal(size=(n_flows, 4, 5, 2)).astype(np.float32)
+    noise_std = np.where(np.arange(n_flows) < 15, 0.2, 1.5)[:, None, None, None]
+    g = (1.3 * r + 4.0 + rng.normal(size=r.shape) * noise_std).astype(np.float32)
+    reads = []
+
+    def read(a, b):
+        reads.append(b - a)
+        return g[a:b], r[a:b]
+
+    whole_patterns = noise_pattern_sequence(g, r, window)
+    whole_ideal = ideal_flow(g, r, None if window >= n_flows else window)
+    shift = noise_sensor.flow_means(read, n_flows, block=4)
+    for first, stop in [(0, n_flows + 1), (0, 7), (7, 14), (20, n_flows + 1), (13, 14)]:
+        streamed = np.stack([p for _, p in noise_sensor.window_noise_patterns(
+            read, n_flows, window, first, stop, shift, block=4)])
+        np.testing.assert_allclose(streamed, whole_patterns[first:stop], rtol=1e-5, atol=1e-6)
+        flows = noise_sensor.ideal_flow_range(read, n_flows, window, first, min(stop, n_flows), shift, block=4)
+        np.testing.assert_allclose(flows, whole_ideal[first:min(stop, n_flows)], rtol=1e-5, atol=1e-5)
+    assert max(reads) <= 4  # never more than a block of flow fields at once

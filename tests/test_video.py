@@ -193,3 +193,15 @@ def test_media_sha256_ignores_container_tags_but_not_frames(tmp_path):
     assert plain.read_bytes() != tagged.read_bytes()
     assert media_sha256(plain) == media_sha256(tagged)
     assert media_sha256(plain) != media_sha256(changed)
+
+
+@pytest.mark.parametrize("name", ["SadTalker__WDA_KatieHill_000.mp4", "MimicTalk__May_5s.mp4",
+                                  "LipNet__bbaf2n.mpg"])
+def test_read_frames_seeking_gives_the_sequentially_decoded_frames(samples_dir, name):
+    path = samples_dir / name
+    every = video.read_video(path, fps=25.0)
+    n = len(every)
+    # backwards jumps, far-ahead jumps and a pingpong run all seek instead of decoding from 0
+    wanted = [n - 1, n // 2, 3, n - 2, 1, 0, n - 3, n - 4, n - 5, 60 if n > 60 else n - 6]
+    for index, frame in zip(wanted, video.read_frames(path, fps=25.0, indices=wanted)):
+        np.testing.assert_array_equal(frame, every[index], err_msg=f"frame {index} of {name}")
