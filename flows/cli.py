@@ -39,6 +39,9 @@ Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 KernelSize = Annotated[int, typer.Option(min=1, help="Noise Sensor: temporal Gaussian taps (odd).")]
 FlowReference = Annotated[str, typer.Option(help="Noise Sensor: the motion the output should have: "
                                             "structure (frames) or identity (video).")]
+Keep = Annotated[str, typer.Option(
+    callback=lambda value: _choice("--keep", value, ("all", "final")),
+    help="What the store keeps of a done item: all (every stage's arrays) or final (output, stage rows, metrics).")]
 FilterAlongMotion = Annotated[bool, typer.Option(help="Noise Sensor: smooth each pixel along its motion "
                                                  "(default) or in place.")]
 
@@ -55,6 +58,12 @@ def generation_settings(steps: int, guidance: float, seed: int, batch_size: Opti
     return dict(steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                 kernel_size=kernel_size, flow_reference=flow_reference,
                 filter_along_motion=filter_along_motion)
+
+
+def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        fail(f"{option} must be {' or '.join(choices)}, got {value!r}", 2)
+    return value
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -84,8 +93,7 @@ def generate(
     kernel_size: KernelSize = 5,
     flow_reference: FlowReference = "structure",
     filter_along_motion: FilterAlongMotion = True,
-    keep: str = typer.Option("all", help="What the store keeps of a done item: all (every stage's arrays) "
-                             "or final (output, stage rows, metrics)."),
+    keep: Keep = "all",
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
     mark: bool = MARK,
     label: Optional[str] = LABEL,
@@ -97,8 +105,6 @@ def generate(
 
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
                                    filter_along_motion)
-    if keep not in ("all", "final"):
-        fail(f"--keep must be all or final, got {keep!r}", 2)
     if preview and keep == "final":
         fail("--preview needs the stage arrays: use it with --keep all", 2)
     store_dir = resolve_store(store)
@@ -128,7 +134,7 @@ def dataset(
                                                "(tcp://HOST:8786) instead of a local one."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try items that failed before again "
                                       "(else they are skipped and reported)."),
-    keep: str = typer.Option("all", help="all, or final: drop a done item's intermediates."),
+    keep: Keep = "all",
     steps: Steps = 20,
     guidance: Guidance = 7.5,
     seed: Seed = 42,
@@ -146,8 +152,6 @@ def dataset(
     configure_environment(verbose)
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
                                    filter_along_motion)
-    if keep not in ("all", "final"):
-        fail(f"--keep must be all or final, got {keep!r}", 2)
     if workers and dask_address:
         fail("give --workers or --dask-address, not both", 2)
     from flows.dataset import dataset_task_runner, process_dataset

@@ -284,12 +284,10 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
     skipped (reported failed) unless `retry_failed`."""
     if keep not in ("all", "final"):
         raise FreetalkError(f"keep must be all or final, got {keep!r}")
-    if keep == "final" and not hasattr(Store, "drop_intermediates"):
-        raise FreetalkError("--keep final is not available with this store version; use --keep all")
     logger = get_run_logger()
     settings = dict(steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                     kernel_size=kernel_size, flow_reference=flow_reference,
-                    filter_along_motion=filter_along_motion, mark=mark, label=label)
+                    filter_along_motion=filter_along_motion, mark=mark, label=label, keep=keep)
     rows = read_manifest(manifest)
     db = Store(store)
     db.register_items([row for row in rows if not _row_problem(row)])
@@ -339,10 +337,6 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
     for worker, kinds in sorted(loads.items()):
         logger.info("model loads in worker %s: %s", worker,
                     ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none")
-    if keep == "final":
-        for item_id, result in results.items():
-            if result["status"] == "done":
-                db.drop_intermediates(item_id)
     return results
 
 

@@ -34,6 +34,17 @@ def eos_dir(shared_dir) -> Path:
     return shared_dir / "models" / "eos"
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, eos_dir) -> Path:
+    """Tiny random-weight checkpoints in the real on-disk formats, written once per session
+    (tests copy them where they need a changed folder)."""
+    from freetalk_core.models import write_tiny_models
+
+    path = tmp_path_factory.mktemp("models") / "models"
+    write_tiny_models(path, eos_source=eos_dir)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
     """One local Prefect API for the whole session, started the way every command starts

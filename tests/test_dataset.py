@@ -25,15 +25,6 @@ OPTIONS = ["--steps", "2", "--guidance", "1", "--batch-size", "5"]
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, eos_dir):
-    from freetalk_core.models import write_tiny_models
-
-    path = tmp_path_factory.mktemp("models")
-    write_tiny_models(path, eos_source=eos_dir)
-    return path
-
-
-@pytest.fixture(scope="module")
 def clips(tmp_path_factory, samples_dir):
     """Four different pairs (different start frames of two people), and four rows that fail: a
     bad item id, a missing file, a video with no face, a file that is not a video."""
@@ -175,8 +166,6 @@ def test_dataset_runs_on_two_workers_and_the_api_shows_every_item(prefect_server
     print(f"dataset of 4 items on 2 workers: {seconds:.0f} s")
 
 
-@pytest.mark.xfail(not hasattr(Store, "record_failure"), reason="the store keeps no rows for ids it rejects",
-                   strict=True)
 def test_a_bad_item_id_is_recorded_failed_in_the_store(first_run):
     store = Store(first_run[0])
     assert store.item("a b")["status"] == "failed"

@@ -18,15 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, eos_dir):
-    from freetalk_core.models import write_tiny_models
-
-    path = tmp_path_factory.mktemp("models")
-    write_tiny_models(path, eos_source=eos_dir)
-    return path
-
-
-@pytest.fixture(scope="module")
 def one_second_pair(tmp_path_factory, samples_dir):
     from freetalk_core import video
 

@@ -207,15 +207,6 @@ def test_verify_cli_exit_codes(marked_clip, tmp_path, samples_dir):
 # --- the product: generate marks, signs and records --------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, eos_dir):
-    from freetalk_core.models import write_tiny_models
-
-    path = tmp_path_factory.mktemp("models")
-    write_tiny_models(path, eos_source=eos_dir)
-    return path
-
-
-@pytest.fixture(scope="module")
 def generated(tmp_path_factory, tiny_models, samples_dir):
     from flows.generate import generate_to, make_job
     from flows.runtime import configure_environment, store_settings

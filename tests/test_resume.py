@@ -14,15 +14,6 @@ from storage import STAGES, Store
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, eos_dir):
-    from freetalk_core.models import write_tiny_models
-
-    path = tmp_path_factory.mktemp("models") / "models"
-    write_tiny_models(path, eos_source=eos_dir)
-    return path
-
-
-@pytest.fixture(scope="module")
 def short_pair(tmp_path_factory, samples_dir):
     from freetalk_core import video
 
