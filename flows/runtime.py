@@ -92,6 +92,7 @@ def prefect_api(*, announce: bool = True) -> Iterator[str]:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:
+        _send_pending_logs()
         os.environ.pop("PREFECT_API_URL", None)
         server.terminate()
         try:
@@ -135,6 +136,15 @@ def _start_local_server() -> tuple[subprocess.Popen, str]:
     raise FreetalkError(f"the local Prefect server did not answer within {API_STARTUP_SECONDS} s; "
                         f"see {log_path}, or run `prefect server start` yourself and set "
                         f"PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+def _send_pending_logs() -> None:
+    """Deliver the logs and events still queued for the API while the server is up."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
 
 
 def _free_port() -> int:
