@@ -316,7 +316,7 @@ CODECS = {
     "blosc zstd 7 shuffle": lambda z: [z.BloscCodec(cname="zstd", clevel=7, shuffle="shuffle")],
     "blosc lz4 5 shuffle": lambda z: [z.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
 }
-CODEC_ARRAYS = ("face_crop/identity_crops", "face_crop/mouth_masks", "diffusion/frames",
+CODEC_ARRAYS = ("structure_render/frames", "face_crop/mouth_masks", "diffusion/frames",
                 "optical_flow/generated_flow", "clip_embed/structure_embeddings")
 
 

@@ -171,10 +171,16 @@ def dataset(
                           keep=keep, **settings, **marking_settings(mark, label))
     except FreetalkError as exc:
         fail(str(exc))
-    failed = sorted(k for k, v in results.items() if v["status"] != "done")
+    by_status: dict[str, list[str]] = {}
+    for item_id, result in sorted(results.items()):
+        by_status.setdefault(result["status"], []).append(item_id)
+    failed, skipped = by_status.get("failed", []), by_status.get("skipped", [])
     for item_id in failed:
         typer.echo(f"failed: {item_id}: {results[item_id]['error']}", err=True)
-    typer.echo(f"{len(results) - len(failed)} done, {len(failed)} failed ({store_dir})")
+    for item_id in skipped:
+        typer.echo(f"skipped: {item_id}: {results[item_id]['error']}", err=True)
+    typer.echo(f"{len(by_status.get('done', []))} done, {len(failed)} failed"
+               + (f", {len(skipped)} held by another run" if skipped else "") + f" ({store_dir})")
     if failed:
         raise typer.Exit(1)
 

@@ -232,7 +232,7 @@ class DatasetReport:
         from prefect.artifacts import update_progress_artifact
 
         self.rows[item_id].update(fields)
-        finished = sum(r["status"] in ("done", "failed") for r in self.rows.values())
+        finished = sum(r["status"] in ("done", "failed", "skipped") for r in self.rows.values())
         update_progress_artifact(self.progress_id, 100.0 * finished / max(len(self.rows), 1))
         if time.monotonic() - self.last_table > self.TABLE_EVERY_S:
             self.table()
@@ -279,9 +279,10 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
                     mark: bool = True, label: str | None = None) -> dict[str, dict[str, Any]]:
     """Generate every manifest pair not already done, across the Dask cluster.
 
-    Returns `{item_id: {"status": "done"|"failed", "error", "output", "seconds"}}`; a failed
-    item has a one-line reason and never stops the others. Items that failed before are
-    skipped (reported failed) unless `retry_failed`."""
+    Returns `{item_id: {"status": "done"|"failed"|"skipped", "error", "output", "seconds"}}`; a
+    failed item has a one-line reason and never stops the others. Items that failed before are
+    skipped (reported failed) unless `retry_failed`; items another live run is processing are
+    left to it ("skipped")."""
     if keep not in ("all", "final"):
         raise FreetalkError(f"keep must be all or final, got {keep!r}")
     logger = get_run_logger()
@@ -312,6 +313,9 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
                 settle(item_id, "failed", error=problem)
             elif current.get("status") == "done" and current.get("output") and Path(current["output"]).exists():
                 settle(item_id, "done", output=current["output"])
+            elif current.get("status") == "running":  # `items()` reads a dead run's items as interrupted
+                settle(item_id, "skipped", error=f"another live run ({current.get('run_id')}) is processing "
+                                                 "it; rerun once that run has ended")
             elif current.get("status") == "failed" and not retry_failed:
                 settle(item_id, "failed", error=f"{current.get('error')} (failed before; "
                                                 "rerun with --retry-failed to try again)")
@@ -320,9 +324,9 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
                 with dask.annotate(**annotation):
                     generated = diffuse_item.submit(item_id, prepared)
                 submitted[item_id] = [prepared, generated, finish_item.submit(item_id, generated)]
-        logger.info("%d items: %d to process, %d done before, %d failed", len(rows), len(submitted),
-                    sum(r["status"] == "done" for r in results.values()),
-                    sum(r["status"] == "failed" for r in results.values()))
+        logger.info("%d items: %d to process, %d done before, %d failed, %d held by another run", len(rows),
+                    len(submitted), *(sum(r["status"] == s for r in results.values())
+                                      for s in ("done", "failed", "skipped")))
         for item_id, outcome in _as_completed(submitted):
             if outcome.get("status") == "done":
                 settle(item_id, "done", **{k: outcome[k] for k in ("output", "seconds", "worker")})

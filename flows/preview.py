@@ -9,10 +9,18 @@ import numpy as np
 from freetalk_core import video
 from storage import Store
 from tasks.common import mask_weights
+from tasks.frames import Crops, StoredStructureFrames
 
-PANELS = (("identity", "face_crop", "identity_crops"), ("lip reference", "face_crop", "lip_ref_crops"),
-          ("structure", "structure_render", "frames"), ("output", "noise_filter", "frames"))
+PANELS = ("identity", "lip reference", "structure", "output")
 PANEL_SIZE = 256
+
+
+def panel_frames(store: Store, item_id: str) -> dict:
+    """The frames of each panel (indexable by slice): the crops, remade from the item's input
+    videos, the structure frames and the filtered crops."""
+    return {"identity": Crops(store, item_id, "identity"), "lip reference": Crops(store, item_id, "lip_ref"),
+            "structure": StoredStructureFrames(store, item_id),
+            "output": store.array(item_id, "noise_filter", "frames")}
 
 
 def _label(image: np.ndarray, text: str) -> np.ndarray:
@@ -28,7 +36,7 @@ def side_by_side_frames(store: Store, item_id: str, size: int = PANEL_SIZE):
     """Yields `(size, 4 * size, 3) uint8` rows, one per output frame."""
     import cv2
 
-    arrays = [(name, store.array(item_id, stage, array)) for name, stage, array in PANELS]
+    arrays = list(panel_frames(store, item_id).items())
     masks = store.array(item_id, "face_crop", "mouth_masks")
     n = arrays[0][1].shape[0]
     for start in range(0, n, 25):
@@ -51,13 +59,15 @@ def lip_opening_curves(store: Store, item_id: str) -> dict[str, np.ndarray]:
 
     detector = LandmarkDetector()
     curves = {}
-    for name, stage, array in PANELS[1:3]:
-        images = store.array(item_id, stage, array)
+    panels = panel_frames(store, item_id)
+    for name in ("lip reference", "structure"):
+        images = panels[name]
         landmarks = np.full((images.shape[0], 68, 2), np.nan, np.float32)
-        for t in range(images.shape[0]):
-            found = detector.detect(images[t])
-            if found is not None:
-                landmarks[t] = found
+        for start in range(0, images.shape[0], 25):
+            for t, image in enumerate(images[start:start + 25], start):
+                found = detector.detect(image)
+                if found is not None:
+                    landmarks[t] = found
         curves[name] = lip_distance(normalised_landmarks(landmarks))
     return curves
 

@@ -65,7 +65,11 @@ def load_pipeline(models_dir, device="cpu", dtype=torch.float32, faceid_variant:
     Raises ModelFileError for a missing model and RuntimeError when the LoRA could not be applied.
     """
     from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled
 
+    if are_progress_bars_disabled():  # HF_HUB_DISABLE_PROGRESS_BARS: diffusers' loading bar too
+        diffusers_logging.disable_progress_bar()
     source, kwargs = _sd15_source(models_dir)
     if source == model_files.SD15_REPO:
         variant = None

@@ -559,8 +559,9 @@ class StructureFrames:
 
     Built once (the rig, the texture, the target lip openings); `frame(t, identity_crop)` then
     renders frame t. Only the identity's `texture_frames` most closed-mouth crops are read at
-    construction, so `identity_crops` may be any per-frame indexable array (numpy, zarr) and a
-    long clip is rendered in chunks without holding all its crops.
+    construction (`identity_crops[sorted frame numbers]`), so `identity_crops` may be any array
+    indexable by an integer array (numpy, crops decoded on demand) and a long clip is rendered
+    in chunks without holding all its crops.
 
     identity_crops: (T, S, S, 3) uint8 aligned identity crops; identity_landmarks: (T, 68, 2)
     float32 crop px; identity_fit: their FitResult (T frames); lip_landmarks: (T, 68, 2) float32
@@ -600,7 +601,8 @@ class StructureFrames:
         closed = np.argsort(opening, kind="stable")[: max(1, min(texture_frames, T))]
         self.rig = rig = MouthRig(model, shape, identity_fit.expression_coeffs[anchor], self.landmarks[anchor],
                                   identity_fit.modelview[anchor], identity_fit.projection[anchor], identity_fit.size)
-        texture_crops = {int(t): np.asarray(identity_crops[int(t)]) for t in closed}
+        picked = np.sort(closed)
+        texture_crops = dict(zip(picked.tolist(), np.asarray(identity_crops[picked])))
         self.texture = extract_texture(self.renderer, model, rig, texture_crops, self.landmarks, identity_fit,
                                        [int(t) for t in closed])
         self.identity_mouth = rig.registration_motion(self.landmarks[anchor], identity_fit.modelview[anchor],

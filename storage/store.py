@@ -26,14 +26,16 @@ import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import zarr
 
 from storage.tables import Table, integer_codes, latest_positions, latest_rows, pid_alive
+
+if TYPE_CHECKING:  # zarr is imported where arrays are opened: `freetalk status` never needs it
+    import zarr
 
 STAGES = (
     "face_crop",
@@ -138,11 +140,17 @@ class Store:
         return self.root / ".prefect" / "results"
 
     # ------------------------------------------------------------------ zarr
+    def item_group(self, item_id: str, mode: str = "r") -> zarr.Group:
+        """The Zarr group of one item (every stage's arrays)."""
+        import zarr
+
+        return zarr.open_group(self.item_path(item_id), mode=mode)
+
     def stage_group(self, item_id: str, stage: str, *, reset: bool = False) -> zarr.Group:
         """The Zarr group of one stage of one item; `reset` empties it first."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-        root = zarr.open_group(self.item_path(item_id), mode="a")
+        root = self.item_group(item_id, mode="a")
         if reset and stage in root:
             del root[stage]
         return root.require_group(stage)
@@ -199,7 +207,7 @@ class Store:
 
     def array(self, item_id: str, stage: str, name: str) -> zarr.Array:
         """An existing array (lazy; index it to read)."""
-        return zarr.open_group(self.item_path(item_id), mode="r")[f"{stage}/{name}"]
+        return self.item_group(item_id)[f"{stage}/{name}"]
 
     def read(self, item_id: str, stage: str, name: str) -> np.ndarray:
         return self.array(item_id, stage, name)[...]
@@ -208,8 +216,7 @@ class Store:
         self.stage_group(item_id, stage).attrs.update(attrs)
 
     def attrs(self, item_id: str, stage: str) -> dict[str, Any]:
-        group = zarr.open_group(self.item_path(item_id), mode="r")
-        return dict(group[stage].attrs)
+        return dict(self.item_group(item_id)[stage].attrs)
 
     # --------------------------------------------------------------- tables
     def _read(self, table: str) -> pa.Table:

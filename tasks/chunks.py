@@ -121,6 +121,10 @@ class StageRun:
     def pending_chunks(self) -> list[tuple[int, int, int]]:
         return [(c, start, stop) for c, (start, stop) in enumerate(self.chunks) if c not in self.done]
 
+    def pending_ranges(self) -> list[tuple[int, int]]:
+        """`(start, stop)` of the pending chunks, in order (what a stage's reader will be asked for)."""
+        return [(start, stop) for _, start, stop in self.pending_chunks()]
+
     def run_chunks(self, compute: Callable[..., None],
                    read: Callable[[int, int], Any] | None = None) -> None:
         """`compute(start, stop, inputs)` for each pending chunk, in order; `inputs` is

@@ -8,6 +8,7 @@ from prefect import task
 from freetalk_core import clip_embed as ce
 from tasks.chunks import StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached, resolve_device
+from tasks.frames import Crops, StoredStructureFrames
 
 STAGE = "clip_embed"
 IDENTITY_SAMPLE = 64
@@ -40,10 +41,9 @@ def clip_embed(job: ItemJob, key: str, crops: StageRef, structure: StageRef) -> 
         # A bounded, evenly spread sample of identity frames keeps long clips cheap.
         first = np.sort(first[np.linspace(0, len(first) - 1, min(len(first), IDENTITY_SAMPLE))
                               .round().astype(int)])
-        crops_array = store.array(item, "face_crop", "identity_crops")
         landmarks = store.read(item, "face_crop", "identity_landmarks")
-        identity = ce.identity_embedding(arcface, crops_array.get_orthogonal_selection((first,)),
-                                         landmarks[first])
+        crops = Crops(store, item, "identity", job.identity).take(first)
+        identity = ce.identity_embedding(arcface, crops, landmarks[first])
         store.write_array(item, STAGE, "identity_embedding", identity.astype(np.float32))
 
     run.setup(setup)
@@ -51,11 +51,10 @@ def clip_embed(job: ItemJob, key: str, crops: StageRef, structure: StageRef) -> 
     token_shape = store.array(item, STAGE, "negative_embedding").shape
     out = store.open_array(item, STAGE, "structure_embeddings", (n,) + tuple(token_shape), np.float16,
                            job.chunk_frames)
-    structure_frames = store.array(item, "structure_render", "frames")
 
     def compute(start, stop, frames):
         out[start:stop] = ce.structure_embeddings(encoder, frames).astype(np.float16)
 
-    run.run_chunks(compute, lambda start, stop: structure_frames[start:stop])
+    run.run_chunks(compute, StoredStructureFrames(store, item, job.identity).reader(run.pending_ranges()))
     run.close()
     return StageRef(item_id=item, stage=STAGE, key=key, frames=n)

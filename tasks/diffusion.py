@@ -9,8 +9,8 @@ from prefect import task
 from freetalk_core import CROP_SIZE
 from freetalk_core import diffusion as dm
 from tasks.chunks import StageRun
-from tasks.face_crop import MASK_TILE, mouth_box_frames
 from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached, mask_weights, resolve_device
+from tasks.frames import MASK_TILE, Crops, mouth_box_frames
 
 STAGE = "diffusion"
 
@@ -38,15 +38,16 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
     noise = dm.initial_noise(job.seed, CROP_SIZE, CROP_SIZE)
     negative = store.read(item, "clip_embed", "negative_embedding").astype(np.float32)
     identity = store.read(item, "clip_embed", "identity_embedding").astype(np.float32)
-    id_crops = store.array(item, "face_crop", "identity_crops")
     masks = store.array(item, "face_crop", "mouth_masks")
     adjusted = store.array(item, "controller", "embeddings")
     box = store.attrs(item, "face_crop")["box"]
     out = store.open_array(item, STAGE, "frames", (n, CROP_SIZE, CROP_SIZE, 3), np.uint8, job.chunk_frames,
                            tile=MASK_TILE)
 
+    id_crops = Crops(store, item, "identity", job.identity).reader(run.pending_ranges())
+
     def read(start, stop):
-        return id_crops[start:stop], mask_weights(masks[start:stop]), adjusted[start:stop].astype(np.float32)
+        return id_crops(start, stop), mask_weights(masks[start:stop]), adjusted[start:stop].astype(np.float32)
 
     def compute(start, stop, inputs):
         frames, chunk_masks, embeddings_in = inputs

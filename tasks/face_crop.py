@@ -1,27 +1,23 @@
-"""Stage 1: decode both videos, track landmarks, align 512x512 crops, mouth masks.
+"""Stage 1: decode both videos, track landmarks, crop transforms, mouth masks.
 
 The whole-clip part (tracking both videos, filling and smoothing the tracks, crop transforms)
-is the `SETUP` unit; crops and masks are then made a chunk of output frames at a time, each
-chunk decoding only the source frames it needs. Decoded full frames are never stored.
+is the `SETUP` unit; mouth masks are then made a chunk of output frames at a time. Neither
+decoded frames nor the 512x512 crops are stored: a crop is one decode and one affine warp away
+(`tasks.frames.Crops`), far cheaper to redo than to keep (0.55 MB per frame and video, losslessly
+compressed), and every stage that needs crops makes them a chunk at a time.
 """
 
 from __future__ import annotations
 
-from itertools import islice
-from typing import Iterator
-
 import numpy as np
 from prefect import task
 
-from freetalk_core import CROP_SIZE, video
+from freetalk_core import CROP_SIZE, flow, video
 from freetalk_core import face_crop as fc
-from freetalk_core import flow
 from tasks.chunks import StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached, mask_values
 
 STAGE = "face_crop"
-MASK_TILE = 64
-"""Side of the stored pieces of frames that hold data in the mouth box only (`mouth_box_frames`)."""
 
 
 def mouth_box(masks, margin: int = flow.DEFAULT_BOX_MARGIN) -> tuple[int, int, int, int]:
@@ -34,46 +30,11 @@ def mouth_box(masks, margin: int = flow.DEFAULT_BOX_MARGIN) -> tuple[int, int, i
     return box if box is not None else (0, 0, int(masks.shape[2]), int(masks.shape[1]))
 
 
-def mouth_box_frames(frames: np.ndarray, box) -> np.ndarray:
-    """`frames (T, H, W, 3)` with everything outside the mouth `box` set to 0. Nothing reads
-    generated or filtered crops outside the box (the mouth mask lies inside it), and arrays
-    created with `tile=MASK_TILE` do not store the all-zero pieces."""
-    x0, y0, x1, y1 = box
-    out = np.zeros_like(frames)
-    out[:, y0:y1, x0:x1] = frames[:, y0:y1, x0:x1]
-    return out
-
-
 def _track(path: str, job: ItemJob, detector) -> tuple[np.ndarray, ...]:
     """Landmarks of every frame of `path`, streamed: one decoded frame in memory at a time."""
     landmarks, found = fc.track_landmarks(video.read_frames(path, fps=job.fps), detector)
     smoothed, passthrough = fc.fill_and_smooth(landmarks, found, source=path)
     return smoothed, found, passthrough
-
-
-class SourceFrames:
-    """Decoded source frames of one video for successive chunks of output frames.
-
-    `index` `(T,)` maps output frames to source frames; `chunks` are the `(start, stop)` output
-    ranges that will be asked for, in order. One decoder runs through them, seeking only where
-    a chunk's frames lie behind the last one (a ping-pong loop) or far ahead.
-    """
-
-    def __init__(self, path: str, fps: float, index: np.ndarray, chunks: list[tuple[int, int]]):
-        self.index = np.asarray(index)
-        self.wanted = [np.unique(self.index[start:stop]) for start, stop in chunks]
-        order = np.concatenate(self.wanted) if self.wanted else np.zeros(0, np.int64)
-        self._frames: Iterator[np.ndarray] = video.read_frames(path, fps=fps, indices=order)
-        self._next = 0
-
-    def __call__(self, start: int, stop: int) -> dict[int, np.ndarray]:
-        """`{source index: (H, W, 3) uint8}` for output frames `[start, stop)`; chunks must be
-        asked for in the order given."""
-        wanted = self.wanted[self._next]
-        if not np.array_equal(wanted, np.unique(self.index[start:stop])):
-            raise ValueError(f"chunk [{start}, {stop}) asked for out of order")
-        self._next += 1
-        return dict(zip(wanted.tolist(), islice(self._frames, len(wanted))))
 
 
 def output_length(job: ItemJob, n_lip_frames: int) -> int:
@@ -115,8 +76,8 @@ def _setup(job: ItemJob, run: StageRun) -> None:
 
 @task(name="face_crop", **STAGE_TASK)
 def face_crop(job: ItemJob, key: str) -> StageRef:
-    """Crops `(T, 512, 512, 3) uint8`, landmarks, transforms and `mouth_masks (T, 512, 512)
-    uint8` (weight * 255) for every output frame; then (`FINISH`) the mouth `box` around every
+    """Landmarks, crop transforms and `mouth_masks (T, 512, 512) uint8` (weight * 255) for every
+    output frame (the crops themselves: `tasks.frames.Crops`); then (`FINISH`) the mouth `box` around every
     mask, `(x0, y0, x1, y1)` crop px."""
     run = StageRun(job, STAGE, key, None, setup=True, finish=True)
     store, item = run.store, job.item_id
@@ -132,34 +93,17 @@ def face_crop(job: ItemJob, key: str) -> StageRef:
         run.close()
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n_frames)
 
-    id_index = store.read(item, STAGE, "identity_index")
-    lip_index = store.read(item, STAGE, "lip_ref_index")
-    id_m = store.read(item, STAGE, "identity_transforms")
-    lip_m = store.read(item, STAGE, "lip_ref_transforms")
     id_pass = store.read(item, STAGE, "identity_passthrough")
     id_crop_lm = store.read(item, STAGE, "identity_landmarks")
-    crop_shape = (n_frames, CROP_SIZE, CROP_SIZE, 3)
-    id_crops = store.open_array(item, STAGE, "identity_crops", crop_shape, np.uint8, job.chunk_frames)
-    lip_crops = store.open_array(item, STAGE, "lip_ref_crops", crop_shape, np.uint8, job.chunk_frames)
-    masks = store.open_array(item, STAGE, "mouth_masks", crop_shape[:3], np.uint8, job.chunk_frames)
-    pending = [(start, stop) for _, start, stop in run.pending_chunks()]
-    id_frames = SourceFrames(job.identity, job.fps, id_index, pending)
-    lip_frames = SourceFrames(job.lip_ref, job.fps, lip_index, pending)
+    masks = store.open_array(item, STAGE, "mouth_masks", (n_frames, CROP_SIZE, CROP_SIZE), np.uint8,
+                             job.chunk_frames)
 
-    def read(start, stop):
-        return id_frames(start, stop), lip_frames(start, stop)
-
-    def compute(start, stop, frames):
-        ids, lips = frames
-        id_crops[start:stop] = np.stack([fc.warp_to_crop(ids[id_index[t]], id_m[t], CROP_SIZE)
-                                         for t in range(start, stop)])
-        lip_crops[start:stop] = np.stack([fc.warp_to_crop(lips[lip_index[t]], lip_m[t], CROP_SIZE)
-                                          for t in range(start, stop)])
+    def compute(start, stop, _):
         masks[start:stop] = np.stack([
             np.zeros((CROP_SIZE, CROP_SIZE), np.uint8) if id_pass[t]
             else mask_values(fc.mouth_mask(id_crop_lm[t], CROP_SIZE)) for t in range(start, stop)])
 
-    run.run_chunks(compute, read)
+    run.run_chunks(compute)
     run.finish(lambda: store.set_attrs(item, STAGE, box=list(mouth_box(masks))))
     run.close()
     return StageRef(item_id=item, stage=STAGE, key=key, frames=n_frames)

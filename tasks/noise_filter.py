@@ -22,7 +22,7 @@ from storage import Store, sha256_file
 from tasks import provenance
 from tasks.chunks import FINISH, StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges, mask_weights
-from tasks.face_crop import MASK_TILE, SourceFrames
+from tasks.frames import MASK_TILE, SourceFrames
 from tasks.optical_flow import read_flows
 
 STAGE = "noise_filter"
@@ -60,8 +60,8 @@ def pasted_frames(store: Store, job: ItemJob):
 def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
                  flows: StageRef) -> StageRef:
     """`noise_pattern (512, 512) float32` (for a clip longer than `noise_window` flow fields,
-    the mean of its per-frame sliding-window patterns), filtered `frames` (the mouth box, 0
-    outside it, like `diffusion/frames`), MNP, and the output MP4."""
+    the mean of its per-frame sliding-window patterns), filtered `frames` (inside each frame's
+    mouth mask, 0 outside it), MNP, and the output MP4."""
     item, n = job.item_id, generated.frames
     run = StageRun(job, STAGE, key, n, setup=True, finish=True)
     store = run.store
@@ -112,6 +112,8 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
                       if job.filter_along_motion else None)
             frames[:, y0:y1, x0:x1] = ns.temporal_filter_chunk(region, sigma, start, stop, n, job.kernel_size,
                                                                mask=mask, motion=motion)
+        # Only the mouth mask reaches the output (paste-back weighs by it): 0 elsewhere.
+        frames[:, y0:y1, x0:x1][mask == 0] = 0
         out[start:stop] = frames
 
     run.run_chunks(compute, read_chunk)

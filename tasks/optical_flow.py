@@ -9,6 +9,7 @@ from freetalk_core import flow
 from storage import Store
 from tasks.chunks import StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges
+from tasks.frames import Crops, StoredStructureFrames
 
 STAGE = "optical_flow"
 FLOW_STEP = 1.0 / 64
@@ -27,12 +28,12 @@ def read_flows(array, start: int | None = None, stop: int | None = None) -> np.n
     return np.asarray(array[start:stop], dtype=np.float32) * np.float32(FLOW_STEP)
 
 
-def reference_frames(store: Store, job: ItemJob):
+def reference_frames(store: Store, job: ItemJob) -> Crops | StoredStructureFrames:
     """The frames whose motion the output should have (METHOD.md step 7)."""
     if job.flow_reference == "structure":
-        return store.array(job.item_id, "structure_render", "frames")
+        return StoredStructureFrames(store, job.item_id, job.identity)
     if job.flow_reference == "identity":
-        return store.array(job.item_id, "face_crop", "identity_crops")
+        return Crops(store, job.item_id, "identity", job.identity)
     raise ValueError(f"flow_reference must be 'structure' or 'identity', got {job.flow_reference!r}")
 
 
@@ -52,14 +53,15 @@ def optical_flow(job: ItemJob, key: str, crops: StageRef, structure: StageRef,
                                       box=store.attrs(item, "face_crop")["box"]))
     x0, y0, x1, y1 = store.attrs(item, STAGE)["box"]
     shape = (pairs, y1 - y0, x1 - x0, 2)
-    sources = {"generated_flow": store.array(item, "diffusion", "frames"),
-               "reference_flow": reference_frames(store, job)}
+    diffused = store.array(item, "diffusion", "frames")
+    # Flow pairs start..stop need frames start..stop inclusive.
+    reference = reference_frames(store, job).reader([(start, stop + 1) for start, stop in run.pending_ranges()])
     outputs = {name: store.open_array(item, STAGE, name, shape, np.int16, job.chunk_frames)
-               for name in sources}
+               for name in ("generated_flow", "reference_flow")}
 
     def read(start, stop):
-        # Flow pairs start..stop need frames start..stop inclusive.
-        return {name: frames[start:stop + 1, y0:y1, x0:x1] for name, frames in sources.items()}
+        return {"generated_flow": diffused[start:stop + 1, y0:y1, x0:x1],
+                "reference_flow": reference(start, stop + 1)[:, y0:y1, x0:x1]}
 
     def compute(start, stop, frames):
         for name, block in frames.items():

@@ -1,4 +1,10 @@
-"""Stage 3: structure frames: identity shape, pose and texture with the lip reference's mouth."""
+"""Stage 3: structure frames: identity shape, pose and texture with the lip reference's mouth.
+
+A structure frame is its identity crop above the nose and the rendered lower face below it.
+The store keeps only what the render changed: `frames` holds the structure frame where it
+differs from the identity crop and 0 elsewhere, `changed (T, 512, 512) bool` says where;
+`tasks.frames.StoredStructureFrames` puts the two back together over the identity crops.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,15 @@ from freetalk_core import structure_render as sr
 from tasks.chunks import StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached
 from tasks.fit_3dmm import load_fit
+from tasks.frames import MASK_TILE, Crops
 
 STAGE = "structure_render"
 
 
 @task(name="structure_render", **STAGE_TASK)
 def structure_render(job: ItemJob, key: str, crops: StageRef, fits: StageRef) -> StageRef:
-    """Render `structure_render/frames` `(T, 512, 512, 3) uint8`, a chunk of frames at a time
-    (a long clip's crops are never all in memory; a crash resumes at the first missing chunk)."""
+    """Render the structure frames, a chunk of frames at a time (a long clip's crops are never
+    all in memory; a crash resumes at the first missing chunk), and keep what they change."""
     item, n = job.item_id, crops.frames
     run = StageRun(job, STAGE, key, n)
     if run.complete:
@@ -27,15 +34,20 @@ def structure_render(job: ItemJob, key: str, crops: StageRef, fits: StageRef) ->
     store = run.store
     model = load_cached("face model", lambda: fit.load_face_model(job.models_dir / "eos"),
                         models=job.models_dir, components=("eos",))
-    identity_crops = store.array(item, "face_crop", "identity_crops")
+    identity_crops = Crops(store, item, "identity", job.identity)
     frames = sr.StructureFrames(
         model, identity_crops, store.read(item, "face_crop", "identity_landmarks"),
         load_fit(store, item, "identity"), store.read(item, "face_crop", "lip_ref_landmarks"))
-    out = store.open_array(item, STAGE, "frames", (n, CROP_SIZE, CROP_SIZE, 3), np.uint8, job.chunk_frames)
+    layer = store.open_array(item, STAGE, "frames", (n, CROP_SIZE, CROP_SIZE, 3), np.uint8, job.chunk_frames,
+                             tile=MASK_TILE)
+    changed = store.open_array(item, STAGE, "changed", (n, CROP_SIZE, CROP_SIZE), bool, job.chunk_frames)
 
     def compute(start, stop, block):
-        out[start:stop] = np.stack([frames.frame(t, block[t - start]) for t in range(start, stop)])
+        rendered = np.stack([frames.frame(t, block[t - start]) for t in range(start, stop)])
+        differs = (rendered != block).any(axis=-1)
+        layer[start:stop] = np.where(differs[..., None], rendered, 0)
+        changed[start:stop] = differs
 
-    run.run_chunks(compute, lambda start, stop: identity_crops[start:stop])
+    run.run_chunks(compute, identity_crops.reader(run.pending_ranges()))
     run.close()
     return StageRef(item_id=item, stage=STAGE, key=key, frames=n)

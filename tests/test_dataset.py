@@ -194,6 +194,21 @@ def test_failed_items_are_skipped_on_rerun_and_retried_with_retry_failed(prefect
     assert "4 done, 4 failed" in out
 
 
+def test_items_a_live_run_is_processing_are_left_to_it(prefect_server, first_run, clips, tiny_models):
+    store = Store(first_run[0])
+    rows_before = len(store.stage_rows())
+    with store.run("generate") as run_id:  # this test process: a live run with a fresh heartbeat
+        store.record_item("item-0", "running")
+        code, out, err = _finish(_dataset(prefect_server, clips / "good.csv", store.root, tiny_models,
+                                          workers=1))
+    store.record_item("item-0", "done")
+    assert code == 0, err[-2000:]
+    assert [line for line in err.splitlines() if line.startswith("skipped: ")] == [
+        f"skipped: item-0: another live run ({run_id}) is processing it; rerun once that run has ended"]
+    assert "1 done, 0 failed, 1 held by another run" in out
+    assert len(store.stage_rows()) == rows_before
+
+
 def _done_rows(store: Store) -> Counter:
     """Done rows per (item, stage, chunk), over every row ever written, not only the latest."""
     rows = store._read("stages").to_pylist()

@@ -83,7 +83,7 @@ def test_store_holds_every_stage_done(first_run):
     assert {r["stage"] for r in rows if r["status"] == "done"} == set(STAGES)
     for stage in STAGES:
         assert store.has_stage_group(job.item_id, stage), stage
-    assert store.read(job.item_id, "structure_render", "frames").shape == (25, 512, 512, 3)
+    assert store.read(job.item_id, "structure_render", "changed").shape == (25, 512, 512)
     assert store.read(job.item_id, "diffusion", "frames").shape == (25, 512, 512, 3)
     assert store.read(job.item_id, "noise_filter", "noise_pattern").shape == (512, 512)
     assert "MNP" in store.metrics(job.item_id)[job.item_id]
@@ -185,20 +185,53 @@ def test_noise_filter_stage_uses_a_sliding_window_and_equals_the_whole_clip_filt
     # Each chunk streams its own window statistics: equal up to float rounding, which can move
     # a pixel by one grey level where a value sits on a rounding boundary.
     stored = store.read(item, "noise_filter", "frames")[:, y0:y1, x0:x1]
-    diff = np.abs(stored.astype(int) - whole.astype(int))
+    inside = masks[:, y0:y1, x0:x1] > 0
+    diff = np.abs(stored.astype(int) - whole.astype(int))[inside]
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert not stored[~inside].any()  # only what the paste-back uses is kept
 
 
 def test_structure_frames_rendered_in_chunks_equal_the_whole_clip_render(first_run):
     from freetalk_core import fit_3dmm, structure_render
     from tasks.fit_3dmm import load_fit
+    from tasks.frames import Crops, StoredStructureFrames
 
     job, _, _ = first_run
     store, item = Store(job.store), job.item_id
-    stored = store.read(item, "structure_render", "frames")
-    assert stored.shape[0] == 25 and job.chunk_frames == 10  # three chunks
+    stored = StoredStructureFrames(store, item)[:]
+    assert stored.shape == (25, 512, 512, 3) and job.chunk_frames == 10  # three chunks
     read = lambda name: store.read(item, "face_crop", name)  # noqa: E731
+    crops = Crops(store, item, "identity")[:]
     whole = structure_render.render_structure_frames(
-        fit_3dmm.load_face_model(job.models_dir / "eos"), read("identity_crops"), read("identity_landmarks"),
+        fit_3dmm.load_face_model(job.models_dir / "eos"), crops, read("identity_landmarks"),
         load_fit(store, item, "identity"), read("lip_ref_landmarks"))
     np.testing.assert_array_equal(stored, whole)
+    # The store keeps only what the render changed: the lower face, nothing above the nose.
+    changed = store.read(item, "structure_render", "changed")
+    np.testing.assert_array_equal(changed, (whole != crops).any(axis=-1))
+    layer = store.read(item, "structure_render", "frames")
+    assert not layer[~changed].any() and 0.02 < changed.mean() < 0.6
+
+
+def test_crops_are_made_again_from_the_inputs(first_run):
+    from freetalk_core import face_crop as fc, video
+    from tasks.frames import Crops
+
+    job, _, _ = first_run
+    store, item = Store(job.store), job.item_id
+    for role, path in (("identity", job.identity), ("lip_ref", job.lip_ref)):
+        assert not (store.item_path(item) / "face_crop" / f"{role}_crops").exists()
+        crops = Crops(store, item, role, path)
+        frames = video.read_video(path, fps=25.0)
+        index = store.read(item, "face_crop", f"{role}_index")
+        transforms = store.read(item, "face_crop", f"{role}_transforms")
+        expected = np.stack([fc.warp_to_crop(frames[index[t]], transforms[t]) for t in range(len(index))])
+        np.testing.assert_array_equal(crops[:], expected)
+        np.testing.assert_array_equal(crops[7], expected[7])
+        np.testing.assert_array_equal(crops[[20, 3, 11]], expected[[20, 3, 11]])
+        # A reader over overlapping ranges (optical flow's chunks share a frame) decodes in order.
+        read = crops.reader([(0, 11), (10, 21), (20, 25)])
+        for start, stop in ((0, 11), (10, 21), (20, 25)):
+            np.testing.assert_array_equal(read(start, stop), expected[start:stop])
+    # Without a path: the video the items table records (the last role's, lip_ref).
+    np.testing.assert_array_equal(Crops(store, item, "lip_ref")[2], expected[2])
