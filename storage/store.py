@@ -70,6 +70,7 @@ ITEM_SCHEMA = pa.schema([
     ("updated_at", _TS),
     ("run_id", pa.string()),
     ("started_at", _TS),
+    ("output_key", pa.string()),  # the key of the output's last stage: what made it
 ])
 STAGE_SCHEMA = pa.schema([
     ("item_id", pa.string()),
