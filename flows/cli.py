@@ -44,10 +44,15 @@ Keep = Annotated[str, typer.Option(
     help="What the store keeps of a done item: all (every stage's arrays) or final (output, stage rows, metrics).")]
 FilterAlongMotion = Annotated[bool, typer.Option(help="Noise Sensor: smooth each pixel along its motion "
                                                  "(default) or in place.")]
+FaceIndex = Annotated[int, typer.Option(min=0, help="Which face of the identity speaks where several are "
+                                        "in frame, by size: 0 the largest, 1 the next.")]
+FaceBox = Annotated[Optional[str], typer.Option(help="Or the identity's face whose box overlaps this one "
+                                                "most: x0,y0,x1,y1 in frame pixels.")]
 
 
 def generation_settings(steps: int, guidance: float, seed: int, batch_size: Optional[int], device: str,
-                        kernel_size: int, flow_reference: str, filter_along_motion: bool) -> dict:
+                        kernel_size: int, flow_reference: str, filter_along_motion: bool,
+                        face_index: int = 0, face_box: Optional[str] = None) -> dict:
     """The generation options as flow settings; a bad value exits with status 2 and one line."""
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
@@ -57,7 +62,21 @@ def generation_settings(steps: int, guidance: float, seed: int, batch_size: Opti
         fail(f"--flow-reference must be structure or identity, got {flow_reference!r}", 2)
     return dict(steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                 kernel_size=kernel_size, flow_reference=flow_reference,
-                filter_along_motion=filter_along_motion)
+                filter_along_motion=filter_along_motion, face_index=face_index,
+                face_box=parse_face_box(face_box))
+
+
+def parse_face_box(text: Optional[str]) -> Optional[tuple[float, float, float, float]]:
+    """`--face-box x0,y0,x1,y1` as four floats (x1 > x0, y1 > y0); else exit 2 with one line."""
+    if text is None:
+        return None
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
+        fail(f"--face-box must be x0,y0,x1,y1 in frame pixels with x1 > x0 and y1 > y0, got {text!r}", 2)
+    return box
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
@@ -93,6 +112,8 @@ def generate(
     kernel_size: KernelSize = 5,
     flow_reference: FlowReference = "structure",
     filter_along_motion: FilterAlongMotion = True,
+    face_index: FaceIndex = 0,
+    face_box: FaceBox = None,
     keep: Keep = "all",
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
     mark: bool = MARK,
@@ -104,7 +125,7 @@ def generate(
     from freetalk_core.errors import FreetalkError
 
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
-                                   filter_along_motion)
+                                   filter_along_motion, face_index, face_box)
     if preview and keep == "final":
         fail("--preview needs the stage arrays: use it with --keep all", 2)
     store_dir = resolve_store(store)
@@ -143,6 +164,8 @@ def dataset(
     kernel_size: KernelSize = 5,
     flow_reference: FlowReference = "structure",
     filter_along_motion: FilterAlongMotion = True,
+    face_index: FaceIndex = 0,
+    face_box: FaceBox = None,
     mark: bool = MARK,
     label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
@@ -151,7 +174,7 @@ def dataset(
     recorded with a one-line reason, the rest goes on; exit 1 if anything failed."""
     configure_environment(verbose)
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
-                                   filter_along_motion)
+                                   filter_along_motion, face_index, face_box)
     if workers and dask_address:
         fail("give --workers or --dask-address, not both", 2)
     from flows.dataset import dataset_task_runner, process_dataset

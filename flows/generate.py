@@ -79,7 +79,8 @@ def stage_keys(job: ItemJob) -> dict[str, str]:
     fp = lambda *parts: [models_fingerprint(models, p) for p in parts]  # noqa: E731
     params = {
         "face_crop": {"identity": job.identity_sha256, "lip_ref": job.lip_ref_sha256,
-                      "audio": job.audio_sha256, "fps": job.fps},
+                      "audio": job.audio_sha256, "fps": job.fps,
+                      "face_index": job.face_index, "face_box": job.face_box},
         "fit_3dmm": {"eos": fp("eos")},
         "structure_render": {"eos": fp("eos")},
         "clip_embed": {"models": fp("image_encoder", "insightface")},
