@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -73,6 +73,7 @@ class ItemJob(BaseModel):
     guidance: float = 7.5
     seed: int = 42
     ip_adapter_scale: float = 1.0
+    faceid_variant: str = "plus"
     lambda_range: tuple[float, float] = (0.5, 2.0)
     flow_reference: str = "structure"
     kernel_size: int = 5
@@ -114,6 +115,10 @@ def stage_key(stage: str, params: dict[str, Any], upstream: list[StageRef] = ())
 FINGERPRINT_CACHE = ".freetalk-fingerprint.json"
 """File in a models folder that remembers each file's sha256 by (relative path, size,
 modification time), so a file is hashed again only when it changes."""
+
+
+MODEL_PARTS = ("sd15-inpainting", "ip-adapter", "image_encoder", "insightface", "eos")
+"""The parts of the models folder that results depend on (fingerprinted in stage keys)."""
 
 
 def models_fingerprint(models_dir: Path, component: str) -> str:

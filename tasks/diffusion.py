@@ -30,10 +30,11 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
     dtype = torch.float16 if device == "cuda" else torch.float32
 
     def load():
-        pipe = dm.load_pipeline(job.models_dir, device=device, dtype=dtype)
+        pipe = dm.load_pipeline(job.models_dir, device=device, dtype=dtype, faceid_variant=job.faceid_variant)
         return dm.optimize_pipeline(pipe) if device == "cuda" else pipe
 
-    pipe = load_cached("diffusion pipeline", load, models=job.models_dir,
+    kind = "diffusion pipeline" + ("" if job.faceid_variant == "plus" else f" ({job.faceid_variant})")
+    pipe = load_cached(kind, load, models=job.models_dir,
                        components=("sd15-inpainting", "ip-adapter"), device=device, dtype=dtype)
     noise = dm.initial_noise(job.seed, CROP_SIZE, CROP_SIZE)
     negative = store.read(item, "clip_embed", "negative_embedding").astype(np.float32)

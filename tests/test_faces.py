@@ -234,7 +234,8 @@ def test_face_options_on_generate_and_dataset_reach_the_face_crop_key(tmp_path, 
     a.write_bytes(b"a")
     b.write_bytes(b"b")
     base = dict(steps=1, guidance=1.0, seed=0, batch_size=None, device="cpu", kernel_size=5,
-                flow_reference="structure", filter_along_motion=True)
+                flow_reference="structure", filter_along_motion=True, noise_window=100,
+                faceid_variant="plus", ip_scale=1.0, lambda_range=(0.5, 2.0))
     keys = []
     for face_index, face_box in [(0, None), (1, None), (0, "10,20,110,140")]:
         settings = generation_settings(**base, face_index=face_index, face_box=face_box)
