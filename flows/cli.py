@@ -52,12 +52,15 @@ FaceIndex = Annotated[int, typer.Option(min=0, help="Which face of the identity 
                                         "in frame, by size: 0 the largest, 1 the next.")]
 FaceBox = Annotated[Optional[str], typer.Option(help="Or the identity's face whose box overlaps this one "
                                                 "most: x0,y0,x1,y1 in frame pixels.")]
+Detector = Annotated[str, typer.Option(
+    callback=lambda value: _choice("--detector", value, ("dlib", "insightface")),
+    help="Face detector: dlib (offline default) or insightface (MODELS/insightface/det_10g.onnx of buffalo_l).")]
 
 
 def generation_settings(steps: int, guidance: float, seed: int, batch_size: Optional[int], device: str,
                         kernel_size: int, flow_reference: str, filter_along_motion: bool, noise_window: int,
                         faceid_variant: str, ip_scale: float, lambda_range: tuple[float, float],
-                        face_index: int = 0, face_box: Optional[str] = None) -> dict:
+                        face_index: int = 0, face_box: Optional[str] = None, detector: str = "dlib") -> dict:
     """The generation options as flow settings; a bad value exits with status 2 and one line."""
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
@@ -73,7 +76,7 @@ def generation_settings(steps: int, guidance: float, seed: int, batch_size: Opti
                 kernel_size=kernel_size, flow_reference=flow_reference,
                 filter_along_motion=filter_along_motion, noise_window=noise_window,
                 faceid_variant=faceid_variant, ip_adapter_scale=ip_scale, lambda_range=tuple(lambda_range),
-                face_index=face_index, face_box=parse_face_box(face_box))
+                face_index=face_index, face_box=parse_face_box(face_box), detector=detector)
 
 
 def parse_face_box(text: Optional[str]) -> Optional[tuple[float, float, float, float]]:
@@ -128,6 +131,7 @@ def generate(
     lambda_range: LambdaRange = (0.5, 2.0),
     face_index: FaceIndex = 0,
     face_box: FaceBox = None,
+    detector: Detector = "dlib",
     keep: Keep = "all",
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
     mark: bool = MARK,
@@ -140,7 +144,7 @@ def generate(
 
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
                                    filter_along_motion, noise_window, faceid_variant, ip_scale, lambda_range,
-                                   face_index, face_box)
+                                   face_index, face_box, detector)
     if preview and keep == "final":
         fail("--preview needs the stage arrays: use it with --keep all", 2)
     store_dir = resolve_store(store)
@@ -185,6 +189,7 @@ def dataset(
     lambda_range: LambdaRange = (0.5, 2.0),
     face_index: FaceIndex = 0,
     face_box: FaceBox = None,
+    detector: Detector = "dlib",
     mark: bool = MARK,
     label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
@@ -194,7 +199,7 @@ def dataset(
     configure_environment(verbose)
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
                                    filter_along_motion, noise_window, faceid_variant, ip_scale, lambda_range,
-                                   face_index, face_box)
+                                   face_index, face_box, detector)
     if workers and dask_address:
         fail("give --workers or --dask-address, not both", 2)
     from flows.dataset import dataset_task_runner, process_dataset

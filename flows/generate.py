@@ -84,7 +84,8 @@ def stage_keys(job: ItemJob, fingerprints: dict[str, str] | None = None) -> dict
     params = {
         "face_crop": {"identity": job.identity_sha256, "lip_ref": job.lip_ref_sha256,
                       "audio": job.audio_sha256, "fps": job.fps,
-                      "face_index": job.face_index, "face_box": job.face_box},
+                      "face_index": job.face_index, "face_box": job.face_box, "detector": job.detector,
+                      **({"detector_model": fp("insightface")} if job.detector != "dlib" else {})},
         "fit_3dmm": {"eos": fp("eos")},
         "structure_render": {"eos": fp("eos")},
         "clip_embed": {"models": fp("image_encoder", "insightface")},

@@ -50,7 +50,12 @@ def output_length(job: ItemJob, n_lip_frames: int) -> int:
 
 def _setup(job: ItemJob, run: StageRun) -> None:
     store, item = run.store, job.item_id
-    detector = load_cached("landmark detector", fc.LandmarkDetector)
+    if job.detector == "dlib":
+        detector = load_cached("landmark detector", fc.LandmarkDetector)
+    else:
+        detector = load_cached(f"{job.detector} landmark detector",
+                               lambda: fc.make_detector(job.detector, job.models_dir),
+                               models=job.models, components=("insightface",))
     id_lm, id_found, id_pass = _track(job.identity, job, detector, job.face_index, job.face_box)
     lip_lm, lip_found, _ = _track(job.lip_ref, job, detector)
     n_frames = output_length(job, len(lip_lm))

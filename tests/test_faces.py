@@ -229,7 +229,7 @@ def test_face_options_on_generate_and_dataset_reach_the_face_crop_key(tmp_path, 
     command = typer.main.get_command(app)
     for name in ("generate", "dataset"):
         options = {p.name for p in command.commands[name].params}
-        assert {"face_index", "face_box"} <= options, name
+        assert {"face_index", "face_box", "detector"} <= options, name
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
     a.write_bytes(b"a")
     b.write_bytes(b"b")
@@ -237,14 +237,15 @@ def test_face_options_on_generate_and_dataset_reach_the_face_crop_key(tmp_path, 
                 flow_reference="structure", filter_along_motion=True, noise_window=100,
                 faceid_variant="plus", ip_scale=1.0, lambda_range=(0.5, 2.0))
     keys = []
-    for face_index, face_box in [(0, None), (1, None), (0, "10,20,110,140")]:
-        settings = generation_settings(**base, face_index=face_index, face_box=face_box)
+    for face_index, face_box, detector in [(0, None, "dlib"), (1, None, "dlib"), (0, "10,20,110,140", "dlib"),
+                                           (0, None, "insightface")]:
+        settings = generation_settings(**base, face_index=face_index, face_box=face_box, detector=detector)
         job = make_job(a, b, store=tmp_path / "s", models=tiny_models, **settings)
-        assert job.face_index == face_index
+        assert (job.face_index, job.detector) == (face_index, detector)
         assert job.face_box == (None if face_box is None else (10.0, 20.0, 110.0, 140.0))
         keys.append(stage_keys(job))
-    assert len({k["face_crop"] for k in keys}) == 3
-    assert len({k["noise_filter"] for k in keys}) == 3  # everything downstream follows
+    assert len({k["face_crop"] for k in keys}) == 4
+    assert len({k["noise_filter"] for k in keys}) == 4  # everything downstream follows
 
 
 @pytest.mark.parametrize("box", ["1,2,3", "10,10,5,20", "a,b,c,d"])
@@ -257,3 +258,62 @@ def test_cli_rejects_a_bad_face_box_in_one_line(tmp_path, box):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--face-box must be x0,y0,x1,y1" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_scrfd(tmp_path_factory):
+    from freetalk_core.models import write_tiny_scrfd
+
+    return write_tiny_scrfd(tmp_path_factory.mktemp("scrfd") / "insightface" / "det_10g.onnx")
+
+
+def test_insightface_detector_reads_an_scrfd_onnx_and_gives_dlib_like_boxes(tiny_scrfd, may_frames):
+    from freetalk_core.face_crop import DETECTORS, InsightFaceDetector, make_detector
+
+    assert DETECTORS == ("dlib", "insightface")
+    detector = make_detector("insightface", tiny_scrfd.parent.parent)
+    assert isinstance(detector, InsightFaceDetector)
+    frame = may_frames[0]
+    boxes, scores = detector._detect_boxes(frame, 0)
+    # Random weights: boxes anywhere, but in the format the rest reads, one per score.
+    assert boxes.ndim == 2 and boxes.shape[1] == 4 and len(boxes) == len(scores) > 0
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert (scores >= 0.5).all()
+    # Square boxes, as dlib's: the keypoints are mapped through the crop template.
+    np.testing.assert_allclose(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1], rtol=1e-6)
+    box = detector.detect_box(frame)
+    assert box is not None and detector.predict(frame, box).shape == (68, 2)
+
+
+def test_insightface_keypoints_map_to_the_box_dlib_would_give(may_frames, detector):
+    from freetalk_core.face_crop import LEFT_EYE, RIGHT_EYE, InsightFaceDetector
+
+    frame = may_frames[0]
+    dlib_box = detector.detect_box(frame)
+    landmarks = detector.predict(frame, dlib_box)
+    # What SCRFD would report for this face: its five keypoints, placed exactly.
+    keypoints = np.stack([landmarks[LEFT_EYE].mean(0), landmarks[RIGHT_EYE].mean(0), landmarks[30],
+                          landmarks[48], landmarks[54]])
+
+    class Exact:
+        def detect(self, image, input_size):
+            return np.array([[0, 0, 1, 1, 0.9]], np.float32), keypoints[None].astype(np.float32)
+
+    mapped = InsightFaceDetector.__new__(InsightFaceDetector)
+    mapped.model, mapped.input_size = Exact(), 640
+    box = mapped._detect_boxes(frame, 0)[0][0]
+    side = dlib_box[2] - dlib_box[0]
+    assert np.abs(box - dlib_box).max() < 0.12 * side
+    again = detector.predict(frame, box)
+    iod = np.linalg.norm(landmarks[LEFT_EYE].mean(0) - landmarks[RIGHT_EYE].mean(0))
+    assert np.abs(again - landmarks).mean() < 0.05 * iod
+
+
+def test_detector_insightface_without_its_model_is_a_clear_error(tmp_path):
+    from freetalk_core.errors import ModelFileError
+    from freetalk_core.face_crop import make_detector
+
+    with pytest.raises(ModelFileError, match="det_10g.onnx.*--detector dlib"):
+        make_detector("insightface", tmp_path)
+    with pytest.raises(ValueError, match="dlib, insightface"):
+        make_detector("mtcnn", tmp_path)
