@@ -36,6 +36,14 @@ def _bridge(frames, landmarks, found):
     return bridge_gaps(landmarks, found, (frames[i] for i in wanted))
 
 
+def test_black_frames_at_the_start_of_a_clip_are_passed_through(may_frames, detector):
+    frames = [np.zeros_like(may_frames[0])] * 4 + may_frames[:8]
+    landmarks, found = track_landmarks(iter(frames), detector)
+    assert found.tolist() == [False] * 4 + [True] * 8
+    bridged = _bridge(frames, landmarks, found)
+    assert fill_and_smooth(landmarks, found, bridged)[1].tolist() == [True] * 4 + [False] * 8
+
+
 def test_black_cut_away_is_passed_through(may_frames, detector):
     black = np.zeros_like(may_frames[0])
     frames = may_frames[:10] + [black] * 10 + may_frames[10:20]
@@ -226,10 +234,17 @@ def test_face_options_on_generate_and_dataset_reach_the_face_crop_key(tmp_path, 
     from flows.cli import app, generation_settings
     from flows.generate import make_job, stage_keys
 
+    import inspect
+
+    from flows.dataset import process_dataset
+    from flows.generate import generate_pair
+
     command = typer.main.get_command(app)
     for name in ("generate", "dataset"):
         options = {p.name for p in command.commands[name].params}
         assert {"face_index", "face_box", "detector"} <= options, name
+    for flow in (process_dataset, generate_pair):
+        assert {"face_index", "face_box", "detector"} <= set(inspect.signature(flow.fn).parameters)
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
     a.write_bytes(b"a")
     b.write_bytes(b"b")
