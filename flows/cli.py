@@ -70,8 +70,8 @@ def generation_settings(steps: int, guidance: float, seed: int, batch_size: Opti
         fail(f"--flow-reference must be structure or identity, got {flow_reference!r}", 2)
     if faceid_variant not in ("plus", "plusv2"):
         fail(f"--faceid-variant must be plus or plusv2, got {faceid_variant!r}", 2)
-    if not 0 < lambda_range[0] <= lambda_range[1]:
-        fail(f"--lambda-range needs 0 < MIN <= MAX, got {lambda_range[0]} {lambda_range[1]}", 2)
+    if not 0 < lambda_range[0] <= 1 <= lambda_range[1]:
+        fail(f"--lambda-range needs 0 < MIN <= 1 <= MAX, got {lambda_range[0]} {lambda_range[1]}", 2)
     return dict(steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                 kernel_size=kernel_size, flow_reference=flow_reference,
                 filter_along_motion=filter_along_motion, noise_window=noise_window,

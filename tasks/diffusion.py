@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from prefect import task
 
 from freetalk_core import CROP_SIZE
@@ -27,7 +26,7 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
     store = run.store
     device = resolve_device(job.device)
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = dm.default_dtype(device)
 
     def load():
         pipe = dm.load_pipeline(job.models_dir, device=device, dtype=dtype, faceid_variant=job.faceid_variant)
