@@ -30,6 +30,7 @@ from freetalk_core.models.layout import (  # noqa: F401 - the package's interfac
     ARCFACE_CANDIDATES,
     BUFFALO_L_URLS,
     CLIP_VIT_H_CONFIG,
+    DETECTOR_CANDIDATES,
     EOS_DIR,
     EOS_FILES,
     EOS_HINT,
@@ -66,6 +67,7 @@ from freetalk_core.models.layout import (  # noqa: F401 - the package's interfac
     faceid_image_proj_shapes,
     faceid_ip_adapter_shapes,
     faceid_path,
+    insightface_detector_path,
     random_faceid_plus_state_dict,
     resolve_models_dir,
     unet_attention_processors,
@@ -74,5 +76,6 @@ from freetalk_core.models.tiny import (  # noqa: F401 - the package's interface
     link_eos,
     write_clip_image_processor,
     write_tiny_models,
+    write_tiny_scrfd,
     write_tiny_tokenizer,
 )

@@ -23,6 +23,10 @@ FACEID_FILES = {
 ARCFACE_CANDIDATES = ("w600k_r50.onnx", "models/buffalo_l/w600k_r50.onnx", "buffalo_l/w600k_r50.onnx")
 """Where MODELS/insightface may hold the ArcFace ONNX: bare, or inside an unpacked buffalo_l pack."""
 
+DETECTOR_CANDIDATES = ("det_10g.onnx", "models/buffalo_l/det_10g.onnx", "buffalo_l/det_10g.onnx")
+"""Where MODELS/insightface may hold the buffalo_l pack's SCRFD face detector (`--detector
+insightface`; not needed with the default dlib detector)."""
+
 EOS_FILES = {
     "shape": "sfm_shape_3448.bin",
     "blendshapes": "expression_blendshapes_3448.bin",
@@ -188,6 +192,16 @@ def arcface_path(models_dir: str | os.PathLike) -> Path:
         if (base / candidate).is_file():
             return base / candidate
     raise ModelFileError(f"missing {base / ARCFACE_CANDIDATES[0]}: {FIX_HINT}")
+
+
+def insightface_detector_path(models_dir: str | os.PathLike) -> Path:
+    """Path of the SCRFD detector ONNX inside MODELS/insightface; ModelFileError if absent."""
+    base = Path(models_dir) / INSIGHTFACE_DIR
+    for candidate in DETECTOR_CANDIDATES:
+        if (base / candidate).is_file():
+            return base / candidate
+    raise ModelFileError(f"missing {base / DETECTOR_CANDIDATES[0]}: --detector insightface needs the "
+                         "buffalo_l pack's face detector there (or use the default --detector dlib)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,3 +201,44 @@ def _write_tiny_arcface(path: Path) -> None:
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
+
+
+def write_tiny_scrfd(path: str | os.PathLike, side: int = 640) -> Path:
+    """An ONNX with SCRFD's interface (buffalo_l's det_10g.onnx): input (1, 3, side, side), nine
+    outputs: for strides 8, 16 and 32 the scores (N, 1), box distances (N, 4) and five keypoint
+    offsets (N, 10) of two anchors per position. One strided convolution per stride and output,
+    random weights (boxes and keypoints come out in the right place and scale format, not on
+    faces)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(TINY_SEED)
+    nodes, inits, outputs = [], [], []
+    strides, widths = (8, 16, 32), {"score": 1, "bbox": 4, "kps": 10}
+    for kind, width in widths.items():
+        for stride in strides:
+            name = f"{kind}_{stride}"
+            weight = (rng.standard_normal((2 * width, 3, stride, stride)) * 0.01).astype(np.float32)
+            bias = np.full(2 * width, {"score": 0.0, "bbox": 2.0, "kps": 0.0}[kind], np.float32)
+            inits += [numpy_helper.from_array(weight, f"{name}_w"), numpy_helper.from_array(bias, f"{name}_b"),
+                      numpy_helper.from_array(np.array([-1, width], np.int64), f"{name}_shape")]
+            last = f"{name}_flat" if kind != "score" else f"{name}_logit"
+            nodes += [helper.make_node("Conv", ["input.1", f"{name}_w", f"{name}_b"], [f"{name}_conv"],
+                                       kernel_shape=[stride, stride], strides=[stride, stride]),
+                      helper.make_node("Transpose", [f"{name}_conv"], [f"{name}_t"], perm=[0, 2, 3, 1]),
+                      helper.make_node("Reshape", [f"{name}_t", f"{name}_shape"], [last])]
+            if kind == "score":
+                nodes.append(helper.make_node("Sigmoid", [last], [f"{name}_flat"]))
+            count = (side // stride) ** 2 * 2
+            outputs.append(helper.make_tensor_value_info(f"{name}_flat", TensorProto.FLOAT, [count, width]))
+    graph = helper.make_graph(nodes, "scrfd_tiny",
+                              [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, side, side])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="freetalk")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
