@@ -106,6 +106,10 @@ def item_failures(store: Store, item_id: str, **fields: Any) -> Iterator[None]:
         yield
     except BaseException as exc:
         store.record_failure(item_id, one_line(exc), **fields)
+        try:
+            store.log_failure(item_id, exc, context=f"dataset item {item_id}")
+        except (OSError, ValueError):  # the reason is recorded; the traceback goes to the run's log below
+            pass
         get_run_logger().error("%s failed: %s", item_id, one_line(exc),
                                exc_info=not isinstance(exc, FreetalkError))
         raise

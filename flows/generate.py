@@ -9,7 +9,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from freetalk_core.errors import FreetalkError, VideoReadError
+from flows.inputs import check_input
+from freetalk_core.errors import FreetalkError
 from storage import Store, sha256_file
 from tasks.clip_embed import clip_embed
 from tasks.chunks import FINISH
@@ -39,16 +40,18 @@ UPSTREAM = {
 
 
 def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, models: str | Path,
-             audio: str | Path | None = None, item_id: str | None = None, **settings) -> ItemJob:
-    """Describe one pair: resolves paths, hashes the inputs, names the item."""
+             audio: str | Path | None = None, item_id: str | None = None, check: bool = True,
+             **settings) -> ItemJob:
+    """Describe one pair: checks the inputs (`flows.inputs.check_input`, unless `check` is
+    False because the caller did), resolves paths, hashes the inputs, names the item."""
     paths = {"identity": identity, "lip_ref": lip_ref, "audio": audio}
     hashes = {}
     for role, path in paths.items():
         if path is None:
             continue
         path = Path(path)
-        if not path.is_file():
-            raise VideoReadError(f"{role} file not found: {path} (check the path)")
+        if check:
+            check_input(role, path)
         paths[role] = str(path.resolve())
         hashes[f"{role}_sha256"] = sha256_file(path)
     if item_id is None:
