@@ -32,7 +32,7 @@ from flows.runtime import store_settings
 from freetalk_core.errors import FreetalkError
 from storage import STAGES, Store
 from storage.store import check_item_id
-from tasks.common import ItemJob, StageRef, model_loads, one_line
+from tasks.common import MODEL_PARTS, ItemJob, StageRef, model_loads, models_fingerprint, one_line
 
 REQUIRED_COLUMNS = ("item_id", "identity", "lip_ref")
 PREPARE_STAGES = STAGES[:STAGES.index("diffusion")]
@@ -280,6 +280,8 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
                     keep: str = "all", steps: int = 20, guidance: float = 7.5, seed: int = 42,
                     batch_size: int | None = None, device: str = "auto", kernel_size: int = 5,
                     flow_reference: str = "structure", filter_along_motion: bool = True,
+                    noise_window: int = 100, faceid_variant: str = "plus", ip_adapter_scale: float = 1.0,
+                    lambda_range: tuple[float, float] = (0.5, 2.0),
                     mark: bool = True, label: str | None = None) -> dict[str, dict[str, Any]]:
     """Generate every manifest pair not already done, across the Dask cluster.
 
@@ -292,11 +294,14 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
     logger = get_run_logger()
     settings = dict(steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                     kernel_size=kernel_size, flow_reference=flow_reference,
-                    filter_along_motion=filter_along_motion, mark=mark, label=label, keep=keep)
+                    filter_along_motion=filter_along_motion, noise_window=noise_window,
+                    faceid_variant=faceid_variant, ip_adapter_scale=ip_adapter_scale,
+                    lambda_range=tuple(lambda_range), mark=mark, label=label, keep=keep)
     rows = read_manifest(manifest)
     db = Store(store)
     db.register_items([row for row in rows if not _row_problem(row)])
     known = {r["item_id"]: r for r in db.items()}
+    fingerprints = {part: models_fingerprint(Path(models), part) for part in MODEL_PARTS}
     report = DatasetReport(Path(manifest).stem, [r["item_id"] for r in rows])
     results: dict[str, dict[str, Any]] = {}
 
@@ -315,7 +320,7 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
             if problem:
                 db.record_failure(item_id, problem, **run_fields(run_id))
                 settle(item_id, "failed", error=problem)
-            elif current.get("status") == "done" and current.get("output") and Path(current["output"]).exists():
+            elif done_as_asked(current, row, db, models, settings, fingerprints):
                 settle(item_id, "done", output=current["output"])
             elif current.get("status") == "running":  # `items()` reads a dead run's items as interrupted
                 settle(item_id, "skipped", error=f"another live run ({current.get('run_id')}) is processing "
@@ -346,6 +351,23 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
         logger.info("model loads in worker %s: %s", worker,
                     ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none")
     return results
+
+
+def done_as_asked(current: dict, row: dict, store: Store, models: str, settings: dict,
+                  fingerprints: dict[str, str]) -> bool:
+    """The item is done, its output is there, and it was made from these settings and models:
+    the key of its output, recorded when it was done, is the key they give today (the inputs
+    are taken as the store hashed them; files changed in place under the same item id need
+    a new id)."""
+    if current.get("status") != "done" or not current.get("output") or not Path(current["output"]).exists():
+        return False
+    try:
+        job = make_job(row["identity"], row["lip_ref"], audio=row.get("audio") or None, store=store.root,
+                       models=models, item_id=row["item_id"], known_hashes=current, check=False,
+                       **settings)
+    except Exception:  # noqa: BLE001 - an input gone since: the item's own tasks say why
+        return False
+    return current.get("output_key") == stage_keys(job, fingerprints)["noise_filter"]
 
 
 def _row_problem(row: dict) -> str | None:

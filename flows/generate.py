@@ -10,10 +10,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.inputs import check_input
-from freetalk_core.errors import FreetalkError
+from freetalk_core.errors import FreetalkError, VideoReadError
 from storage import Store, sha256_file
-from tasks.clip_embed import clip_embed
 from tasks.chunks import FINISH
+from tasks.clip_embed import clip_embed
 from tasks.common import KEEP_CHOICES, ItemJob, StageRef, models_fingerprint, one_line, progress, stage_key
 from tasks.controller import controller
 from tasks.diffusion import diffusion
@@ -22,7 +22,6 @@ from tasks.fit_3dmm import fit_3dmm
 from tasks.noise_filter import noise_filter
 from tasks.optical_flow import optical_flow
 from tasks.structure_render import structure_render
-
 
 STAGE_TASKS = {"face_crop": face_crop, "fit_3dmm": fit_3dmm, "structure_render": structure_render,
                "clip_embed": clip_embed, "controller": controller, "diffusion": diffusion,
@@ -40,10 +39,11 @@ UPSTREAM = {
 
 
 def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, models: str | Path,
-             audio: str | Path | None = None, item_id: str | None = None, check: bool = True,
-             **settings) -> ItemJob:
+             audio: str | Path | None = None, item_id: str | None = None,
+             known_hashes: dict[str, str] | None = None, check: bool = True, **settings) -> ItemJob:
     """Describe one pair: checks the inputs (`flows.inputs.check_input`, unless `check` is
-    False because the caller did), resolves paths, hashes the inputs, names the item."""
+    False because that was done before), resolves paths, hashes the inputs (or takes
+    `known_hashes`, `{role}_sha256` as a store recorded them), names the item."""
     paths = {"identity": identity, "lip_ref": lip_ref, "audio": audio}
     hashes = {}
     for role, path in paths.items():
@@ -52,8 +52,11 @@ def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, mo
         path = Path(path)
         if check:
             check_input(role, path)
+        elif not path.is_file():
+            raise VideoReadError(f"{role} file not found: {path} (check the path)")
         paths[role] = str(path.resolve())
-        hashes[f"{role}_sha256"] = sha256_file(path)
+        known = (known_hashes or {}).get(f"{role}_sha256")
+        hashes[f"{role}_sha256"] = known or sha256_file(path)
     if item_id is None:
         item_id = default_item_id(paths["identity"], paths["lip_ref"], hashes)
     if settings.get("keep", "all") not in KEEP_CHOICES:
@@ -72,14 +75,16 @@ def default_item_id(identity: str, lip_ref: str, hashes: dict) -> str:
     return f"{stem(identity)}__{stem(lip_ref)}__{digest}"
 
 
-def stage_keys(job: ItemJob) -> dict[str, str]:
+def stage_keys(job: ItemJob, fingerprints: dict[str, str] | None = None) -> dict[str, str]:
     """Every stage's key, chained so a change upstream reaches everything downstream.
 
     Keys hold what a stage's result depends on and nothing of where things are: input
-    contents (sha256), model contents (`models_fingerprint`), settings, and `chunk_frames`
-    (the chunk ranges a stage row stands for), never the store's or the models' paths."""
+    contents (sha256), model contents (`models_fingerprint`, or `fingerprints` of
+    `MODEL_PARTS` computed once for many items), settings, and `chunk_frames` (the chunk
+    ranges a stage row stands for), never the store's or the models' paths."""
     models = Path(job.models)
-    fp = lambda *parts: [models_fingerprint(models, p) for p in parts]  # noqa: E731
+    known = fingerprints or {}
+    fp = lambda *parts: [known.get(p) or models_fingerprint(models, p) for p in parts]  # noqa: E731
     params = {
         "face_crop": {"identity": job.identity_sha256, "lip_ref": job.lip_ref_sha256,
                       "audio": job.audio_sha256, "fps": job.fps},
@@ -88,7 +93,8 @@ def stage_keys(job: ItemJob) -> dict[str, str]:
         "clip_embed": {"models": fp("image_encoder", "insightface")},
         "controller": {"lambda_range": list(job.lambda_range)},
         "diffusion": {"models": fp("sd15-inpainting", "ip-adapter"), "steps": job.steps,
-                      "guidance": job.guidance, "seed": job.seed, "ip": job.ip_adapter_scale},
+                      "guidance": job.guidance, "seed": job.seed, "ip": job.ip_adapter_scale,
+                      "faceid": job.faceid_variant},
         "optical_flow": {"reference": job.flow_reference},
         "noise_filter": {"kernel_size": job.kernel_size, "window": job.noise_window,
                          "along_motion": job.filter_along_motion,
@@ -155,7 +161,7 @@ def complete_item(store: Store, job: ItemJob, refs: dict[str, StageRef], **field
     attrs = store.attrs(job.item_id, "noise_filter")
     store.record_item(job.item_id, "done", n_frames=refs["face_crop"].frames, output=str(output),
                       output_sha256=attrs["output_sha256"], watermark_id=attrs.get("watermark_id"),
-                      **fields)
+                      output_key=refs["noise_filter"].key, **fields)
     if job.keep == "final":
         store.drop_intermediates(job.item_id)
     return str(output)
@@ -181,8 +187,15 @@ def generate_to(job: ItemJob, out: str | Path) -> Path:
 @flow(name="generate-pair")
 def generate_pair(identity: str, lip_ref: str, out: str, store: str, models: str,
                   audio: str | None = None, steps: int = 20, guidance: float = 7.5,
-                  seed: int = 42, batch_size: int | None = None, device: str = "auto") -> str:
+                  seed: int = 42, batch_size: int | None = None, device: str = "auto",
+                  kernel_size: int = 5, flow_reference: str = "structure", filter_along_motion: bool = True,
+                  noise_window: int = 100, faceid_variant: str = "plus", ip_adapter_scale: float = 1.0,
+                  lambda_range: tuple[float, float] = (0.5, 2.0)) -> str:
     """Deployment entry point: plain parameters in, the output path out."""
     job = make_job(identity, lip_ref, audio=audio, store=store, models=models, steps=steps,
-                   guidance=guidance, seed=seed, batch_size=batch_size, device=device)
+                   guidance=guidance, seed=seed, batch_size=batch_size, device=device,
+                   kernel_size=kernel_size, flow_reference=flow_reference,
+                   filter_along_motion=filter_along_motion, noise_window=noise_window,
+                   faceid_variant=faceid_variant, ip_adapter_scale=ip_adapter_scale,
+                   lambda_range=tuple(lambda_range))
     return str(generate_to(job, out))
