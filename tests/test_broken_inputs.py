@@ -98,6 +98,21 @@ def test_generate_on_a_broken_input_prints_one_line_that_names_the_log(case, cli
     assert seconds < 60  # reported before any model is loaded or stage is run
 
 
+def test_a_stage_that_fails_in_generate_names_the_item_log(clips, prefect_server, tiny_models, tmp_path):
+    blank = video.write_video(tmp_path / "blank.mp4", iter(np.full((FRAMES, 128, 128, 3), 90, np.uint8)), 25.0)
+    store, out = tmp_path / "store", tmp_path / "out.mp4"
+    code, stdout, stderr = _generate(prefect_server, blank, clips / "lip.mp4", out, store, tiny_models)
+    assert code == 1, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no face found in"), stderr
+    (item,) = Store(store).items()
+    assert item["status"] == "failed" and item["error"] in lines[0]  # the same line in the store
+    log = Store(store).log_path(item["item_id"])
+    assert lines[0].endswith(f"(details in {log})")
+    assert "Traceback (most recent call last)" in log.read_text() and "NoFaceError" in log.read_text()
+    assert not out.exists()
+
+
 def _job(identity, lip_ref, store, models, **settings):
     from flows.generate import make_job
 
