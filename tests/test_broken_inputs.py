@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import faststart_copy
+
 from freetalk_core import video
 from storage import Store
 
@@ -143,8 +143,9 @@ def test_a_one_frame_identity_is_a_still_and_a_one_frame_lip_reference_gives_one
 
 
 def test_a_4k_identity_gives_a_4k_output_streamed_a_chunk_at_a_time(clips, prefect_server, tiny_models, tmp_path):
-    import cv2
     import tracemalloc
+
+    import cv2
 
     # 4 frames: the sample face scaled to 2160 px high, in a 3840-wide frame.
     small = video.read_video(clips / "identity.mp4", max_frames=4)

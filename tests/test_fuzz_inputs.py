@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import faststart_copy
+
 from freetalk_core import video
 from storage import Store
 
