@@ -88,7 +88,7 @@ def manifest(tmp_path_factory, samples_dir):
     video.write_video(folder / "one-frame.mp4", iter(identity[:1]), 25.0)
     rows += ["truncated,truncated.mp4,lip.mp4", "empty,empty.mp4,lip.mp4", "text,identity.mp4,text.mp4",
              "audio-only,audio-only.wav,lip.mp4", "missing,nowhere.mp4,lip.mp4", "one-frame,one-frame.mp4,lip.mp4"]
-    path = folder / "manifest.csv"
+    path = folder / "fuzz.csv"  # its own run name: dataset[fuzz]
     path.write_text("\n".join(rows) + "\n")
     return path
 
