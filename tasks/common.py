@@ -65,6 +65,12 @@ class ItemJob(BaseModel):
     audio_sha256: str | None = None
     models: str
     fps: float = DEFAULT_FPS
+    face_index: int = 0
+    """Which face of the identity speaks where several are in frame: 0 the largest, 1 the next."""
+    face_box: tuple[float, float, float, float] | None = None
+    """Or the identity's face whose box overlaps this one (x0, y0, x1, y1 frame px) most."""
+    detector: str = "dlib"
+    """Face detector: dlib (HOG, offline default) or insightface (SCRFD from MODELS/insightface)."""
     steps: int = 20
     guidance: float = 7.5
     seed: int = 42
