@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from flows.runtime import configure_environment, raise_model_problems, resolve_store, run_pair
+from flows.runtime import configure_environment, pair_job, raise_model_problems, resolve_store, run_job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tuning-free talking-face generation.")
@@ -103,6 +103,20 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def fail_logged(exc: BaseException, store: Path, log_name: str) -> None:
+    """Exit 1 with one line on stderr: the reason and the log file that holds the traceback
+    (`STORE/logs/<item_id>.log`, or `STORE/logs/<command>.log` before an item is known)."""
+    from flows.runtime import failure_log
+    from freetalk_core.errors import FreetalkError, one_line
+
+    log = failure_log(store, log_name, exc)
+    details = f"details in {log}" if log else "no log written: the store cannot be written"
+    if isinstance(exc, FreetalkError):
+        fail(f"{one_line(exc)} ({details})")
+    fail(f"{one_line(exc)} (unexpected: {details}; rerun with --verbose, and report it with that "
+         f"file if it persists)")
+
+
 def _models_dir(models: Optional[Path]) -> Path:
     from freetalk_core.models import resolve_models_dir
 
@@ -138,28 +152,32 @@ def generate(
     label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
 ) -> None:
-    """Make IDENTITY speak with the lip motion of LIP_REF."""
+    """Make IDENTITY speak with the lip motion of LIP_REF. On failure: exit 1 and one line on
+    stderr naming the log file with the details."""
     configure_environment(verbose)
-    from freetalk_core.errors import FreetalkError
-
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
                                    filter_along_motion, noise_window, faceid_variant, ip_scale, lambda_range,
                                    face_index, face_box, detector)
     if preview and keep == "final":
         fail("--preview needs the stage arrays: use it with --keep all", 2)
     store_dir = resolve_store(store)
+    job = None
     try:
         models_dir = _models_dir(models)
-        item_id, result = run_pair(identity, lip_ref, out, audio=audio, store=store_dir, models=models_dir,
-                                   show_progress=not verbose, keep=keep, **settings,
-                                   **marking_settings(mark, label))
+        job = pair_job(identity, lip_ref, audio=audio, store=store_dir, models=models_dir, keep=keep,
+                       **settings, **marking_settings(mark, label))
+        result = run_job(job, out, show_progress=not verbose)
         if preview:
             from flows.preview import write_previews
 
-            for path in write_previews(store_dir, item_id, result.parent, stem=result.stem):
+            for path in write_previews(store_dir, job.item_id, result.parent, stem=result.stem):
                 typer.echo(f"preview: {path}")
-    except FreetalkError as exc:
-        fail(str(exc))
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again to go on where it stopped", 130)
+    except Exception as exc:  # noqa: BLE001 - every failure: one line here, the traceback in a log
+        fail_logged(exc, store_dir, job.item_id if job else "generate")
     typer.echo(str(result))
 
 
@@ -204,7 +222,6 @@ def dataset(
         fail("give --workers or --dask-address, not both", 2)
     from flows.dataset import dataset_task_runner, process_dataset
     from flows.runtime import prefect_api, store_settings
-    from freetalk_core.errors import FreetalkError
     from freetalk_core.models import describe_models
 
     store_dir = resolve_store(store)
@@ -217,20 +234,35 @@ def dataset(
         with prefect_api(), store_settings(store_dir):
             results = run(str(manifest), str(store_dir), str(models_dir), retry_failed=retry_failed,
                           keep=keep, **settings, **marking_settings(mark, label))
-    except FreetalkError as exc:
-        fail(str(exc))
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again to go on where it stopped", 130)
+    except Exception as exc:  # noqa: BLE001 - the run itself failed: one line, the traceback in a log
+        fail_logged(exc, store_dir, "dataset")
     by_status: dict[str, list[str]] = {}
     for item_id, result in sorted(results.items()):
         by_status.setdefault(result["status"], []).append(item_id)
     failed, skipped = by_status.get("failed", []), by_status.get("skipped", [])
     for item_id in failed:
-        typer.echo(f"failed: {item_id}: {results[item_id]['error']}", err=True)
+        typer.echo(f"failed: {item_id}: {results[item_id]['error']}{_log_note(store_dir, item_id)}", err=True)
     for item_id in skipped:
         typer.echo(f"skipped: {item_id}: {results[item_id]['error']}", err=True)
     typer.echo(f"{len(by_status.get('done', []))} done, {len(failed)} failed"
                + (f", {len(skipped)} held by another run" if skipped else "") + f" ({store_dir})")
     if failed:
         raise typer.Exit(1)
+
+
+def _log_note(store: Path, item_id: str) -> str:
+    """` (details in LOG)` where the item's failure log exists."""
+    from storage import Store
+
+    try:
+        log = Store(store).log_path(item_id)
+    except ValueError:  # an item id the store rejects has no log
+        return ""
+    return f" (details in {log})" if log.is_file() else ""
 
 
 @app.command()

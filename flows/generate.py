@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.inputs import check_input
 from freetalk_core.errors import FreetalkError, VideoReadError
 from storage import Store, sha256_file
 from tasks.chunks import FINISH
@@ -39,16 +40,19 @@ UPSTREAM = {
 
 def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, models: str | Path,
              audio: str | Path | None = None, item_id: str | None = None,
-             known_hashes: dict[str, str] | None = None, **settings) -> ItemJob:
-    """Describe one pair: resolves paths, hashes the inputs (or takes `known_hashes`,
-    `{role}_sha256` as a store recorded them), names the item."""
+             known_hashes: dict[str, str] | None = None, check: bool = True, **settings) -> ItemJob:
+    """Describe one pair: checks the inputs (`flows.inputs.check_input`, unless `check` is
+    False because that was done before), resolves paths, hashes the inputs (or takes
+    `known_hashes`, `{role}_sha256` as a store recorded them), names the item."""
     paths = {"identity": identity, "lip_ref": lip_ref, "audio": audio}
     hashes = {}
     for role, path in paths.items():
         if path is None:
             continue
         path = Path(path)
-        if not path.is_file():
+        if check:
+            check_input(role, path)
+        elif not path.is_file():
             raise VideoReadError(f"{role} file not found: {path} (check the path)")
         paths[role] = str(path.resolve())
         known = (known_hashes or {}).get(f"{role}_sha256")

@@ -217,18 +217,50 @@ def run_pair(identity: Path, lip_ref: Path, out: Path, *, audio: Optional[Path],
     """Run the `generate` flow for one pair, copying the result to `out`.
 
     Returns the item id and the output path."""
-    from flows.generate import generate_to, make_job
+    job = pair_job(identity, lip_ref, audio=audio, store=store, models=models, **settings)
+    return job.item_id, run_job(job, out, show_progress=show_progress)
+
+
+def pair_job(identity: Path, lip_ref: Path, *, audio: Optional[Path], store: Path, models: Path,
+             **settings):
+    """The `ItemJob` of one pair, after checking the inputs (before the heavy imports: a broken
+    input is reported at once) and the models; one-line `FreetalkError`s."""
+    from flows.inputs import check_input
+
+    for role, path in (("identity", identity), ("lip_ref", lip_ref), ("audio", audio)):
+        if path is not None:
+            check_input(role, Path(path))
+    from flows.generate import make_job
     from freetalk_core.models import describe_models
 
     missing = [f"missing {e.path} ({e.what})" for e in describe_models(models) if not e.present]
     if missing:
         raise_model_problems(models, missing)
-    job = make_job(identity, lip_ref, audio=audio, store=store, models=models, **settings)
+    return make_job(identity, lip_ref, audio=audio, store=store, models=models, check=False, **settings)
+
+
+def run_job(job, out: Path, *, show_progress: bool = True) -> Path:
+    """Run the `generate` flow for `job` and copy its output to `out`. Progress bars are drawn
+    when stderr is a terminal (in a pipe or a log they would only add lines)."""
+    from flows.generate import generate_to
+
+    store = Path(job.store)
     with prefect_api(), store_settings(store):
-        if show_progress:
+        if show_progress and sys.stderr.isatty():
             with StageBars():
-                return job.item_id, generate_to(job, out)
-        return job.item_id, generate_to(job, out)
+                return generate_to(job, out)
+        return generate_to(job, out)
+
+
+def failure_log(store: Path, name: str, exc: BaseException) -> Optional[Path]:
+    """Append `exc`'s traceback to the store's log `name` (`storage.Store.log_path`), with the
+    command line; None when the store cannot be written."""
+    from storage import Store
+
+    try:
+        return Store(store).log_failure(name, exc, context=" ".join(sys.argv))
+    except (OSError, ValueError):
+        return None
 
 
 def raise_model_problems(models: Path, problems: list[str]) -> None:

@@ -15,3 +15,10 @@ class NoFaceError(FreetalkError):
 
 class ModelFileError(FreetalkError):
     """A model file is missing or unusable."""
+
+
+def one_line(exc: BaseException) -> str:
+    """How a failure reads in the store and on the command line: a user-fixable error's own
+    first line; any other error's type and first line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, FreetalkError) else text

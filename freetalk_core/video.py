@@ -42,25 +42,40 @@ class VideoInfo:
 
 def _read_error(path, reason) -> VideoReadError:
     return VideoReadError(
-        f"cannot read {path}: {reason}; check the path and that it is a video FFmpeg can decode "
-        f"(e.g. H.264 MP4)")
+        f"cannot read {path}: {reason}; check that it is a whole video file FFmpeg can decode "
+        f"(e.g. H.264 MP4), or export it again")
+
+
+def _ffmpeg_reason(exc: BaseException) -> str:
+    """FFmpeg's words for an error, without its errno and the path repeated."""
+    if isinstance(exc, av.error.FFmpegError) and exc.strerror:
+        return str(exc.strerror).rstrip(".").lower()
+    if isinstance(exc, UnicodeDecodeError):
+        return "its header holds unreadable text (the file is corrupt)"
+    return str(exc)
 
 
 def _open(path) -> av.container.InputContainer:
     path = Path(path)
     if not path.is_file():
         raise VideoReadError(f"cannot read {path}: no such file; check the path")
+    if path.stat().st_size == 0:
+        raise VideoReadError(f"cannot read {path}: the file is empty (0 bytes); copy or export it again")
     try:
         return av.open(str(path))
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise _read_error(path, exc) from None
+        raise _read_error(path, _ffmpeg_reason(exc)) from None
 
 
 def _video_stream(container, path) -> av.video.stream.VideoStream:
     if not container.streams.video:
         container.close()
-        raise _read_error(path, "it has no video stream")
-    return container.streams.video[0]
+        raise _read_error(path, "it has no video stream (an audio-only file?)")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:
+        container.close()
+        raise _read_error(path, "its video stream has no decoder (unknown codec or a corrupt header)")
+    return stream
 
 
 def _stream_rate(stream) -> float | None:
@@ -106,9 +121,36 @@ def probe(path) -> VideoInfo:
         return VideoInfo(width=width, height=height, fps=fps, n_frames=n_frames,
                          duration=duration, has_audio=bool(container.streams.audio))
     except av.error.FFmpegError as exc:
-        raise _read_error(path, exc) from None
+        raise _read_error(path, _ffmpeg_reason(exc)) from None
     finally:
         container.close()
+
+
+def check_video(path) -> VideoInfo:
+    """`probe(path)`, after checking the file is whole: every frame its header lists is in the
+    file (a cut-off download or copy is not), and its first frame decodes. Reads the packets
+    once without decoding them. Raises `VideoReadError` saying what is wrong and what to do."""
+    info = probe(path)
+    container = _open(path)
+    try:
+        stream = _video_stream(container, path)
+        listed = stream.frames
+        if listed > 0:
+            present = sum(1 for packet in container.demux(stream) if packet.size)
+            if present < listed:
+                raise VideoReadError(
+                    f"cannot read {path}: the file is truncated (its header lists {listed} frames, the "
+                    f"file holds {present}); copy, download or export it again")
+    except av.error.FFmpegError as exc:
+        raise _read_error(path, _ffmpeg_reason(exc)) from None
+    finally:
+        container.close()
+    frames = read_frames(path, fps=info.fps, indices=[0])
+    try:
+        next(frames)
+    finally:
+        frames.close()
+    return info
 
 
 def output_frame_count(duration_s: float, fps: float = DEFAULT_FPS) -> int:
@@ -147,7 +189,7 @@ def _decoded_frames(path, from_seconds: float = 0.0) -> Iterator[tuple[float, av
             last = t
             yield t - start, frame
     except av.error.FFmpegError as exc:
-        raise _read_error(path, exc) from None
+        raise _read_error(path, _ffmpeg_reason(exc)) from None
     finally:
         container.close()
 
@@ -267,7 +309,7 @@ def _audio_frames(path) -> Iterator[av.AudioFrame]:
             raise _read_error(path, "it has no audio stream")
         yield from container.decode(container.streams.audio[0])
     except av.error.FFmpegError as exc:
-        raise _read_error(path, exc) from None
+        raise _read_error(path, _ffmpeg_reason(exc)) from None
     finally:
         container.close()
 

@@ -130,10 +130,34 @@ class Store:
         check_item_id(item_id)
         return self.root / "outputs" / f"{item_id}.mp4"
 
+    def partial_output_path(self, item_id: str) -> Path:
+        """Where an item's output is written before it is renamed to `output_path` (same
+        folder, hidden name; a rerun overwrites what a killed run left)."""
+        check_item_id(item_id)
+        return self.root / "outputs" / f".{item_id}.partial.mp4"
+
     def report_dir(self, item_id: str) -> Path:
         """Folder for an item's human-readable artefacts (previews, plots)."""
         check_item_id(item_id)
         return self.root / "reports" / item_id
+
+    def log_path(self, name: str) -> Path:
+        """Log file of failures: `logs/<item_id>.log` for an item, `logs/generate.log` for a
+        `generate` that failed before its item was known. Each failure appends its traceback."""
+        check_item_id(name)
+        return self.root / "logs" / f"{name}.log"
+
+    def log_failure(self, name: str, exc: BaseException, context: str = "") -> Path:
+        """Append the time, `context` (e.g. the command line) and `exc`'s full traceback to
+        `log_path(name)`; returns that path."""
+        import traceback
+
+        path = self.log_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(traceback.format_exception(exc))
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"=== {_now().isoformat(timespec='seconds')} {context}".rstrip() + "\n" + text + "\n")
+        return path
 
     @property
     def prefect_results(self) -> Path:

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from freetalk_core import DEFAULT_FPS
-from freetalk_core.errors import FreetalkError
+from freetalk_core.errors import FreetalkError, one_line  # noqa: F401 - one_line re-exported for the stages
 from storage import Store, sha256_file
 
 CODE_VERSION = "3"
@@ -205,11 +205,6 @@ def recorded_chunk(store: Store, item_id: str, stage: str, chunk: int, key: str,
                        frames=row["frames"], cache_key=key)
 
 
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if not isinstance(exc, FreetalkError) else text
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         import torch
@@ -273,7 +268,19 @@ def load_cached(kind: str, loader: Callable[[], Any], *, models: str | Path | No
     with _model_lock:
         if key not in _loaded_models:
             start = time.perf_counter()
-            _loaded_models[key] = loader()
+            try:
+                _loaded_models[key] = loader()
+            except FreetalkError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a damaged checkpoint fails in the library reading it
+                if not models or "out of memory" in str(exc).lower():
+                    raise
+                from freetalk_core.errors import ModelFileError
+
+                where = ", ".join(str(Path(models) / c) for c in components) or str(models)
+                raise ModelFileError(f"cannot load the {kind} from {where} ({one_line(exc)}); run "
+                                     f"`freetalk models check {models}`, then `freetalk models download` "
+                                     f"(or `freetalk models tiny` for tests)") from exc
             _model_loads[kind] = _model_loads.get(kind, 0) + 1
             _run_logger().info("loaded %s on %s in %.1f s (load %d of %s in this worker)", kind,
                                device or "cpu", time.perf_counter() - start, _model_loads[kind], kind)

@@ -9,6 +9,7 @@ decoded again from the input video a chunk at a time.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -125,13 +126,19 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
         report.mkdir(parents=True, exist_ok=True)
         _save_png(report / "noise_pattern.png", ns.noise_pattern_heatmap(pattern))
         audio = job.audio or (job.lip_ref if video.has_audio(job.lip_ref) else None)
-        output.parent.mkdir(parents=True, exist_ok=True)
         # Provenance: label and watermark in the frames, metadata tags, signed C2PA manifest.
         if not job.mark:
             get_run_logger().warning("%s: --no-mark: the output carries no watermark", item)
-        video.write_video(output, provenance.marked_frames(pasted_frames(store, job), job),
-                          job.fps, audio=audio, metadata=provenance.metadata_tags())
-        provenance.sign_output(output, job)
+        # Encoded and signed under a temporary name beside the output, then renamed: the
+        # output's name only ever holds a whole, signed file.
+        partial = store.partial_output_path(item)
+        try:
+            video.write_video(partial, provenance.marked_frames(pasted_frames(store, job), job),
+                              job.fps, audio=audio, metadata=provenance.metadata_tags())
+            provenance.sign_output(partial, job, title=output.name)
+            os.replace(partial, output)
+        finally:
+            partial.unlink(missing_ok=True)
         store.record_metrics(item, {"watermarked": float(job.mark)})
         store.set_attrs(item, STAGE, mnp=float(mnp), output=str(output), output_sha256=sha256_file(output),
                         marked=job.mark, watermark_id=provenance.watermark_id(job), label=job.label)

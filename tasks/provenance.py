@@ -27,13 +27,14 @@ def marked_frames(frames: Iterable[np.ndarray], job: ItemJob) -> Iterator[np.nda
     return provenance.mark_frames(frames, watermark_id(job), job.label)
 
 
-def sign_output(output: Path, job: ItemJob) -> None:
-    """Embed the signed C2PA manifest of the item in `output`."""
+def sign_output(output: Path, job: ItemJob, title: str | None = None) -> None:
+    """Embed the signed C2PA manifest of the item in `output` (`title`: the file name the
+    manifest gives, `output`'s own by default)."""
     ingredients = [provenance.Ingredient(role, getattr(job, role), getattr(job, f"{role}_sha256"))
                    for role in ("identity", "lip_ref", "audio") if getattr(job, role)]
     parameters = {name: getattr(job, name) for name in PARAMETERS}
     parameters.update(label=job.label, watermarked=job.mark, item_id=job.item_id)
     definition = provenance.signing.manifest_definition(
-        output.name, provenance.freetalk_version(), ingredients, parameters,
+        title or output.name, provenance.freetalk_version(), ingredients, parameters,
         provenance.signing.model_hashes(job.models, MODEL_PARTS), watermark_id(job))
     provenance.sign_mp4(output, definition, ingredients)

@@ -16,6 +16,22 @@ SAMPLES = SHARED / "samples"
 EOS_DIR = SHARED / "models" / "eos"
 
 
+def faststart_copy(source: Path, out: Path) -> Path:
+    """`source` remuxed with its index (moov) before the media, as streaming exports write it:
+    a cut-off copy of such a file still opens, with frames missing."""
+    import av
+
+    with av.open(str(source)) as src, av.open(str(out), "w", format="mp4",
+                                              options={"movflags": "+faststart"}) as dst:
+        kept = [s for s in src.streams if s.type in ("video", "audio")]
+        streams = {s.index: dst.add_stream_from_template(s) for s in kept}
+        for packet in src.demux(*kept):
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                dst.mux(packet)
+    return out
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The project's shared reference folder (sample clips, SFM files); skip where absent."""
