@@ -86,7 +86,8 @@ def test_every_method_parameter_reaches_the_job_and_the_keys(monkeypatch, tmp_pa
     from flows.generate import generate_pair, make_job, stage_keys
 
     seen = {}
-    monkeypatch.setattr(cli, "run_pair", lambda *args, **kwargs: seen.update(kwargs) or ("x", tmp_path / "o.mp4"))
+    monkeypatch.setattr(cli, "pair_job", lambda *args, **kwargs: seen.update(kwargs) or "job")
+    monkeypatch.setattr(cli, "run_job", lambda job, out, **kwargs: out)
     for name in ("identity.mp4", "lip.mp4"):
         (tmp_path / name).write_bytes(b"\0")
     options = ["--faceid-variant", "plusv2", "--ip-scale", "0.7", "--lambda-range", "0.8", "1.25",
@@ -105,7 +106,7 @@ def test_every_method_parameter_reaches_the_job_and_the_keys(monkeypatch, tmp_pa
         assert {"faceid_variant", "ip_adapter_scale", "lambda_range", "noise_window"} <= set(
             inspect.signature(flow.fn).parameters)
     # Each reaches the key of the stage it changes, and the stages after it only.
-    paths = dict(store=tmp_path / "store", models=tiny_models)
+    paths = dict(store=tmp_path / "store", models=tiny_models, check=False)  # stand-in files
     base = stage_keys(make_job(tmp_path / "identity.mp4", tmp_path / "lip.mp4", **paths))
     first_changed = {}
     for name, value in (("faceid_variant", "plusv2"), ("ip_adapter_scale", 0.7), ("lambda_range", (0.8, 1.25)),
