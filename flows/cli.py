@@ -36,6 +36,8 @@ Seed = Annotated[int, typer.Option(help="Seed of the initial noise shared by all
 BatchSize = Annotated[Optional[int], typer.Option(
     min=1, help="Frames per diffusion batch [4 on CPU; from free memory on GPU].")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Fps = Annotated[Optional[float], typer.Option(
+    help="Frame rate of the output (both videos are read at it) [the identity video's].")]
 KernelSize = Annotated[int, typer.Option(min=1, help="Noise Sensor: temporal Gaussian taps (odd).")]
 FlowReference = Annotated[str, typer.Option(help="Noise Sensor: the motion the output should have: "
                                             "structure (frames) or identity (video).")]
@@ -47,8 +49,11 @@ FilterAlongMotion = Annotated[bool, typer.Option(help="Noise Sensor: smooth each
 
 
 def generation_settings(steps: int, guidance: float, seed: int, batch_size: Optional[int], device: str,
-                        kernel_size: int, flow_reference: str, filter_along_motion: bool) -> dict:
+                        kernel_size: int, flow_reference: str, filter_along_motion: bool,
+                        fps: Optional[float]) -> dict:
     """The generation options as flow settings; a bad value exits with status 2 and one line."""
+    if fps is not None and not fps > 0:
+        fail(f"--fps must be a positive frame rate, got {fps}", 2)
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
     if kernel_size % 2 == 0:
@@ -57,7 +62,7 @@ def generation_settings(steps: int, guidance: float, seed: int, batch_size: Opti
         fail(f"--flow-reference must be structure or identity, got {flow_reference!r}", 2)
     return dict(steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                 kernel_size=kernel_size, flow_reference=flow_reference,
-                filter_along_motion=filter_along_motion)
+                filter_along_motion=filter_along_motion, fps=fps)
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
@@ -93,6 +98,7 @@ def generate(
     kernel_size: KernelSize = 5,
     flow_reference: FlowReference = "structure",
     filter_along_motion: FilterAlongMotion = True,
+    fps: Fps = None,
     keep: Keep = "all",
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
     mark: bool = MARK,
@@ -104,7 +110,7 @@ def generate(
     from freetalk_core.errors import FreetalkError
 
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
-                                   filter_along_motion)
+                                   filter_along_motion, fps)
     if preview and keep == "final":
         fail("--preview needs the stage arrays: use it with --keep all", 2)
     store_dir = resolve_store(store)
@@ -143,6 +149,7 @@ def dataset(
     kernel_size: KernelSize = 5,
     flow_reference: FlowReference = "structure",
     filter_along_motion: FilterAlongMotion = True,
+    fps: Fps = None,
     mark: bool = MARK,
     label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
@@ -151,7 +158,7 @@ def dataset(
     recorded with a one-line reason, the rest goes on; exit 1 if anything failed."""
     configure_environment(verbose)
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
-                                   filter_along_motion)
+                                   filter_along_motion, fps)
     if workers and dask_address:
         fail("give --workers or --dask-address, not both", 2)
     from flows.dataset import dataset_task_runner, process_dataset

@@ -276,19 +276,20 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
                     keep: str = "all", steps: int = 20, guidance: float = 7.5, seed: int = 42,
                     batch_size: int | None = None, device: str = "auto", kernel_size: int = 5,
                     flow_reference: str = "structure", filter_along_motion: bool = True,
-                    mark: bool = True, label: str | None = None) -> dict[str, dict[str, Any]]:
+                    mark: bool = True, label: str | None = None,
+                    fps: float | None = None) -> dict[str, dict[str, Any]]:
     """Generate every manifest pair not already done, across the Dask cluster.
 
     Returns `{item_id: {"status": "done"|"failed"|"skipped", "error", "output", "seconds"}}`; a
     failed item has a one-line reason and never stops the others. Items that failed before are
     skipped (reported failed) unless `retry_failed`; items another live run is processing are
-    left to it ("skipped")."""
+    left to it ("skipped"). `fps`: every output's frame rate; None keeps each identity video's."""
     if keep not in ("all", "final"):
         raise FreetalkError(f"keep must be all or final, got {keep!r}")
     logger = get_run_logger()
     settings = dict(steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                     kernel_size=kernel_size, flow_reference=flow_reference,
-                    filter_along_motion=filter_along_motion, mark=mark, label=label, keep=keep)
+                    filter_along_motion=filter_along_motion, mark=mark, label=label, keep=keep, fps=fps)
     rows = read_manifest(manifest)
     db = Store(store)
     db.register_items([row for row in rows if not _row_problem(row)])

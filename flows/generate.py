@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from freetalk_core import video
 from freetalk_core.errors import FreetalkError, VideoReadError
 from storage import Store, sha256_file
 from tasks.clip_embed import clip_embed
@@ -39,8 +40,11 @@ UPSTREAM = {
 
 
 def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, models: str | Path,
-             audio: str | Path | None = None, item_id: str | None = None, **settings) -> ItemJob:
-    """Describe one pair: resolves paths, hashes the inputs, names the item."""
+             audio: str | Path | None = None, item_id: str | None = None, fps: float | None = None,
+             **settings) -> ItemJob:
+    """Describe one pair: resolves paths, hashes the inputs, names the item.
+
+    `fps`: the output's frame rate; None keeps the identity video's (`output_fps`)."""
     paths = {"identity": identity, "lip_ref": lip_ref, "audio": audio}
     hashes = {}
     for role, path in paths.items():
@@ -56,8 +60,20 @@ def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, mo
     if settings.get("keep", "all") not in KEEP_CHOICES:
         raise ValueError(f"keep must be one of {', '.join(KEEP_CHOICES)}, got {settings['keep']!r}")
     return ItemJob(store=str(Path(store).expanduser().resolve()), item_id=item_id,
-                   models=str(Path(models).expanduser().resolve()),
+                   models=str(Path(models).expanduser().resolve()), fps=output_fps(paths["identity"], fps),
                    **{k: v for k, v in paths.items() if v is not None}, **hashes, **settings)
+
+
+def output_fps(identity: str | Path, fps: float | None = None) -> float:
+    """The frame rate an item is made at: `fps` when given, else the identity video's own, so
+    the output keeps the identity's timing (29.97 stays 30000/1001: `video.write_video`
+    recovers the exact fraction). Both videos are read at it: the lip reference is resampled
+    by timestamp, its motion and audio keep their times."""
+    if fps is None:
+        return video.probe(identity).fps
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    return float(fps)
 
 
 def default_item_id(identity: str, lip_ref: str, hashes: dict) -> str:
@@ -178,8 +194,9 @@ def generate_to(job: ItemJob, out: str | Path) -> Path:
 @flow(name="generate-pair")
 def generate_pair(identity: str, lip_ref: str, out: str, store: str, models: str,
                   audio: str | None = None, steps: int = 20, guidance: float = 7.5,
-                  seed: int = 42, batch_size: int | None = None, device: str = "auto") -> str:
+                  seed: int = 42, batch_size: int | None = None, device: str = "auto",
+                  fps: float | None = None) -> str:
     """Deployment entry point: plain parameters in, the output path out."""
     job = make_job(identity, lip_ref, audio=audio, store=store, models=models, steps=steps,
-                   guidance=guidance, seed=seed, batch_size=batch_size, device=device)
+                   guidance=guidance, seed=seed, batch_size=batch_size, device=device, fps=fps)
     return str(generate_to(job, out))

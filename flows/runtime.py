@@ -219,11 +219,14 @@ def run_pair(identity: Path, lip_ref: Path, out: Path, *, audio: Optional[Path],
     Returns the item id and the output path."""
     from flows.generate import generate_to, make_job
     from freetalk_core.models import describe_models
+    from tasks.noise_filter import SILENT_OUTPUT, output_audio
 
     missing = [f"missing {e.path} ({e.what})" for e in describe_models(models) if not e.present]
     if missing:
         raise_model_problems(models, missing)
     job = make_job(identity, lip_ref, audio=audio, store=store, models=models, **settings)
+    if output_audio(job) is None:
+        print(f"warning: {SILENT_OUTPUT}", file=sys.stderr, flush=True)
     with prefect_api(), store_settings(store):
         if show_progress:
             with StageBars():
