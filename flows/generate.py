@@ -94,6 +94,7 @@ def stage_keys(job: ItemJob) -> dict[str, str]:
     models = Path(job.models)
     fp = lambda *parts: [models_fingerprint(models, p) for p in parts]  # noqa: E731
     params = {
+        # The rate the item is made at (the identity's unless chosen): a new rate, new frames.
         "face_crop": {"identity": job.identity_sha256, "lip_ref": job.lip_ref_sha256,
                       "audio": job.audio_sha256, "fps": job.fps},
         "fit_3dmm": {"eos": fp("eos")},

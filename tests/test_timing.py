@@ -130,6 +130,44 @@ def test_output_fps_option_overrides_the_identity_rate(tmp_path, tiny_models):
     assert all(keys[25.0][stage] != keys[30.0][stage] for stage in keys[30.0])
 
 
+def offset_clip(path, video_start: float, audio_start: float, mark: float = 0.6):
+    """25 fps 64x64 MP4 (1 s) whose video starts at `video_start` s and its audio at
+    `audio_start` s (presentation times), with a white frame and a click both shown at `mark` s."""
+    with av.open(str(path), "w", format="mp4") as out:
+        v = out.add_stream("libx264", rate=25)
+        v.width = v.height = 64
+        v.pix_fmt = "yuv420p"
+        a = out.add_stream("aac", rate=48000, layout="mono")
+        first = int(round(video_start * 25))
+        for k, frame in enumerate(flash_frames(25, {int(round(mark * 25)) - first})):
+            f = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            f.pts, f.time_base = first + k, Fraction(1, 25)
+            out.mux(v.encode(f))
+        out.mux(v.encode(None))
+        samples = np.zeros(48000, np.float32)
+        click = int(round((mark - audio_start) * 48000))
+        samples[click:click + 960] = np.sin(2 * np.pi * 1000 * np.arange(960) / 48000)
+        pts = int(round(audio_start * 48000))
+        for start in range(0, len(samples), 1024):
+            f = av.AudioFrame.from_ndarray(samples[None, start:start + 1024].copy(), format="fltp", layout="mono")
+            f.sample_rate, f.pts, f.time_base = 48000, pts + start, Fraction(1, 48000)
+            out.mux(a.encode(f))
+        out.mux(a.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("video_start, audio_start", [(0.2, 0.0), (0.0, 0.2)],
+                         ids=["video-starts-late", "audio-starts-late"])
+def test_audio_that_starts_apart_from_the_video_stays_in_sync(tmp_path, video_start, audio_start):
+    lip = offset_clip(tmp_path / "lip.mp4", video_start, audio_start)
+    assert video.audio_lead(lip) == pytest.approx(audio_start - video_start, abs=0.03)
+    frames = list(video.read_frames(lip, fps=25))
+    seen = flash_times(frames, 25)  # from the first video frame, as every stage counts
+    assert seen == pytest.approx([0.6 - video_start])
+    out = video.write_video(tmp_path / "out.mp4", iter(frames), 25, audio=lip)
+    assert np.abs(click_times(out) - seen).max() <= 1 / 25
+
+
 # ------------------------------------------------------------------------------------- lengths
 @pytest.mark.parametrize("n_source, n_out", [(2, 9), (5, 23), (12, 40), (40, 12), (7, 7)])
 def test_pingpong_loops_without_a_jump_and_trims_a_longer_source(n_source, n_out):
