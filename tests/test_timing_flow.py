@@ -189,12 +189,12 @@ def test_no_audio_anywhere_gives_a_silent_trimmed_output_and_a_warning(silent_ru
         assert not container.streams.audio
 
 
-def test_cli_rejects_a_bad_fps_in_one_line(tmp_path, silent_run):
-    job, _ = silent_run
+@pytest.mark.parametrize("command", ["generate", "dataset"])
+def test_cli_rejects_a_bad_fps_in_one_line(tmp_path, command):
+    inputs = ["a.mp4", "b.mp4", "-o", str(tmp_path / "o.mp4")] if command == "generate" else ["m.csv"]
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "generate", job.identity, job.lip_ref, "-o", str(tmp_path / "o.mp4"),
-         "--store", str(tmp_path / "s"), "--fps", "0"],
+        [sys.executable, "-m", "flows.cli", command, *inputs, "--store", str(tmp_path / "s"), "--fps", "0"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--fps must be a positive frame rate" in lines[0]
+    assert len(lines) == 1 and "--fps must be a positive frame rate, got 0.0" in lines[0]
