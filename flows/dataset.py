@@ -27,12 +27,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel
 
-from flows.generate import begin_item, complete_item, make_job, run_stages, stage_keys
+from flows.generate import MODEL_PARTS, begin_item, complete_item, make_job, run_stages, stage_keys
 from flows.runtime import store_settings
 from freetalk_core.errors import FreetalkError
 from storage import STAGES, Store
 from storage.store import check_item_id
-from tasks.common import ItemJob, StageRef, model_loads, one_line
+from tasks.common import ItemJob, StageRef, model_loads, models_fingerprint, one_line
 
 REQUIRED_COLUMNS = ("item_id", "identity", "lip_ref")
 PREPARE_STAGES = STAGES[:STAGES.index("diffusion")]
@@ -294,6 +294,7 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
     db = Store(store)
     db.register_items([row for row in rows if not _row_problem(row)])
     known = {r["item_id"]: r for r in db.items()}
+    fingerprints = {part: models_fingerprint(Path(models), part) for part in MODEL_PARTS}
     report = DatasetReport(Path(manifest).stem, [r["item_id"] for r in rows])
     results: dict[str, dict[str, Any]] = {}
 
@@ -312,7 +313,7 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
             if problem:
                 db.record_failure(item_id, problem, **run_fields(run_id))
                 settle(item_id, "failed", error=problem)
-            elif current.get("status") == "done" and current.get("output") and Path(current["output"]).exists():
+            elif done_as_asked(current, row, db, models, settings, fingerprints):
                 settle(item_id, "done", output=current["output"])
             elif current.get("status") == "running":  # `items()` reads a dead run's items as interrupted
                 settle(item_id, "skipped", error=f"another live run ({current.get('run_id')}) is processing "
@@ -343,6 +344,22 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
         logger.info("model loads in worker %s: %s", worker,
                     ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none")
     return results
+
+
+def done_as_asked(current: dict, row: dict, store: Store, models: str, settings: dict,
+                  fingerprints: dict[str, str]) -> bool:
+    """The item is done, its output is there, and it was made from these settings and models:
+    the key of its output, recorded when it was done, is the key they give today (the inputs
+    are taken as the store hashed them; files changed in place under the same item id need
+    a new id)."""
+    if current.get("status") != "done" or not current.get("output") or not Path(current["output"]).exists():
+        return False
+    try:
+        job = make_job(row["identity"], row["lip_ref"], audio=row.get("audio") or None, store=store.root,
+                       models=models, item_id=row["item_id"], known_hashes=current, **settings)
+    except Exception:  # noqa: BLE001 - an input gone since: the item's own tasks say why
+        return False
+    return current.get("output_key") == stage_keys(job, fingerprints)["noise_filter"]
 
 
 def _row_problem(row: dict) -> str | None:

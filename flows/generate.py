@@ -40,9 +40,11 @@ UPSTREAM = {
 
 
 def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, models: str | Path,
-             audio: str | Path | None = None, item_id: str | None = None, fps: float | None = None,
+             audio: str | Path | None = None, item_id: str | None = None,
+             known_hashes: dict[str, str] | None = None, fps: float | None = None,
              **settings) -> ItemJob:
-    """Describe one pair: resolves paths, hashes the inputs, names the item.
+    """Describe one pair: resolves paths, hashes the inputs (or takes `known_hashes`,
+    `{role}_sha256` as a store recorded them), names the item.
 
     `fps`: the output's frame rate; None keeps the identity video's (`output_fps`)."""
     paths = {"identity": identity, "lip_ref": lip_ref, "audio": audio}
@@ -54,7 +56,8 @@ def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, mo
         if not path.is_file():
             raise VideoReadError(f"{role} file not found: {path} (check the path)")
         paths[role] = str(path.resolve())
-        hashes[f"{role}_sha256"] = sha256_file(path)
+        known = (known_hashes or {}).get(f"{role}_sha256")
+        hashes[f"{role}_sha256"] = known or sha256_file(path)
     if item_id is None:
         item_id = default_item_id(paths["identity"], paths["lip_ref"], hashes)
     if settings.get("keep", "all") not in KEEP_CHOICES:
@@ -85,14 +88,20 @@ def default_item_id(identity: str, lip_ref: str, hashes: dict) -> str:
     return f"{stem(identity)}__{stem(lip_ref)}__{digest}"
 
 
-def stage_keys(job: ItemJob) -> dict[str, str]:
+MODEL_PARTS = ("eos", "image_encoder", "insightface", "sd15-inpainting", "ip-adapter")
+"""The models folder's parts that stage keys fingerprint."""
+
+
+def stage_keys(job: ItemJob, fingerprints: dict[str, str] | None = None) -> dict[str, str]:
     """Every stage's key, chained so a change upstream reaches everything downstream.
 
     Keys hold what a stage's result depends on and nothing of where things are: input
-    contents (sha256), model contents (`models_fingerprint`), settings, and `chunk_frames`
-    (the chunk ranges a stage row stands for), never the store's or the models' paths."""
+    contents (sha256), model contents (`models_fingerprint`, or `fingerprints` of
+    `MODEL_PARTS` computed once for many items), settings, and `chunk_frames` (the chunk
+    ranges a stage row stands for), never the store's or the models' paths."""
     models = Path(job.models)
-    fp = lambda *parts: [models_fingerprint(models, p) for p in parts]  # noqa: E731
+    known = fingerprints or {}
+    fp = lambda *parts: [known.get(p) or models_fingerprint(models, p) for p in parts]  # noqa: E731
     params = {
         # The rate the item is made at (the identity's unless chosen): a new rate, new frames.
         "face_crop": {"identity": job.identity_sha256, "lip_ref": job.lip_ref_sha256,
@@ -169,7 +178,7 @@ def complete_item(store: Store, job: ItemJob, refs: dict[str, StageRef], **field
     attrs = store.attrs(job.item_id, "noise_filter")
     store.record_item(job.item_id, "done", n_frames=refs["face_crop"].frames, output=str(output),
                       output_sha256=attrs["output_sha256"], watermark_id=attrs.get("watermark_id"),
-                      **fields)
+                      output_key=refs["noise_filter"].key, **fields)
     if job.keep == "final":
         store.drop_intermediates(job.item_id)
     return str(output)

@@ -832,6 +832,9 @@ def download_models(
     problems = check_models(models_dir, faceid_variant=faceid_variants[0])
     for problem in problems:
         log(f"check: {problem}")
+    if problems:
+        raise ModelFileError(f"downloaded into {models_dir}, but {len(problems)} check"
+                             f"{'s' if len(problems) > 1 else ''} failed: {problems[0]}")
     return models_dir
 
 

@@ -70,6 +70,7 @@ ITEM_SCHEMA = pa.schema([
     ("updated_at", _TS),
     ("run_id", pa.string()),
     ("started_at", _TS),
+    ("output_key", pa.string()),  # the key of the output's last stage: what made it
 ])
 STAGE_SCHEMA = pa.schema([
     ("item_id", pa.string()),
@@ -344,9 +345,20 @@ class Store:
         finally:
             if outer is None:
                 _ACTIVE_RUNS.pop(self.root, None)
+                self.compact()
             else:
                 _ACTIVE_RUNS[self.root] = outer
             beat.end(outcome)
+
+    def compact(self) -> None:
+        """Merge each table bucket of three files or more into one segment (at the end of every
+        outermost `run`): readers of the whole store then open at most two files per bucket, not
+        the twenty a long run can leave. Buckets another writer is merging are left as they are."""
+        for table in self._tables.values():
+            if table.folder.is_dir():
+                for entry in os.scandir(table.folder):
+                    if entry.is_dir() and entry.name.startswith("bucket=") and len(os.listdir(entry.path)) >= 3:
+                        table.compact(entry.name, full=True)
 
     def _current_run_id(self) -> str:
         """The run this process is in; outside `run()`, one run per process and store that

@@ -6,6 +6,7 @@ a killed and resumed run of two, fit the test budget of a 2-core machine."""
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,6 +246,37 @@ def test_sigkill_of_the_whole_run_then_rerun_computes_nothing_twice(prefect_serv
         assert store.item(item)["status"] == "done"
         # The same encoded media; the signed manifests differ only in their signing time and ids.
         assert media_sha256(store.item(item)["output"]) == media_sha256(reference.item(item)["output"])
+
+    # Two rows added to the manifest: only those two run.
+    grown = tmp_path / "grown.csv"
+    grown.write_text((clips / "good.csv").read_text()
+                     + "".join(f"{item},{clips}/identity{i}.mp4,{clips}/lip{i}.mp4\n"
+                               for i, item in enumerate(ITEMS) if i >= 2))
+    code, out, err = _finish(_dataset(prefect_server, grown, store_dir, tiny_models))
+    assert code == 0, err[-3000:]
+    new = _done_rows(store) - done
+    assert {item for item, _, _ in new} == set(ITEMS[2:]) and max(new.values()) == 1
+    assert {stage for _, stage, _ in new} == set(STAGES)
+
+
+def test_a_changed_setting_reruns_done_items_from_the_stage_it_affects(prefect_server, first_run, clips,
+                                                                      tiny_models, tmp_path):
+    shutil.copytree(first_run[0], tmp_path / "store")
+    store = Store(tmp_path / "store")
+    before = _done_rows(store)
+    code, out, err = _finish(_dataset(prefect_server, clips / "good.csv", store.root, tiny_models,
+                                      "--kernel-size", "3", workers=1))
+    assert code == 0, err[-3000:]
+    new = _done_rows(store) - before
+    assert {(item, stage) for item, stage, _ in new} == {(i, "noise_filter") for i in ITEMS[:2]}
+    assert max(new.values()) == 1
+    for item in ITEMS[:2]:
+        assert store.item(item)["status"] == "done" and Path(store.item(item)["output"]).is_relative_to(store.root)
+    # The same setting again: nothing runs.
+    after = _done_rows(store)
+    code, out, err = _finish(_dataset(prefect_server, clips / "good.csv", store.root, tiny_models,
+                                      "--kernel-size", "3", workers=1))
+    assert code == 0 and _done_rows(store) == after, err[-3000:]
 
 
 def test_prefect_deploy_all_registers_both_deployments(prefect_server, tmp_path):

@@ -229,19 +229,22 @@ def test_full_size_clip_vit_h_hidden_states_are_257_by_1280():
 
 
 class _FakeHub:
-    """Stands in for the Hugging Face hub: files with their sizes, sha256 (LFS) or git blob ids."""
+    """Stands in for the Hugging Face hub: files with their sizes, sha256 (LFS) or git blob ids.
+    It serves the tiny checkpoints (the real on-disk formats), so a download passes the checks."""
 
-    def __init__(self):
+    def __init__(self, tiny_dir):
         import hashlib
 
         self.files = {}
         self.served = {}  # what the fake hub actually sends, where it differs from `files`
         self.downloads = []
-        names = [(models.SD15_REPO, f.format(variant="")) for f in models.SD15_FILES]
-        names += [(models.IMAGE_ENCODER_REPO, f"{models.IMAGE_ENCODER_SUBFOLDER}/{f}") for f in models.IMAGE_ENCODER_FILES]
-        names += [(models.FACEID_REPO, f) for f in models.FACEID_FILES.values()]
-        for repo, name in names:
-            self.files[(repo, name)] = f"{repo}/{name} contents".encode()
+        names = [(models.SD15_REPO, f.format(variant=""), tiny_dir / models.SD15_DIR / f.format(variant=""))
+                 for f in models.SD15_FILES]
+        names += [(models.IMAGE_ENCODER_REPO, f"{models.IMAGE_ENCODER_SUBFOLDER}/{f}",
+                   tiny_dir / models.IMAGE_ENCODER_DIR / f) for f in models.IMAGE_ENCODER_FILES]
+        names += [(models.FACEID_REPO, f, models.faceid_path(tiny_dir, v)) for v, f in models.FACEID_FILES.items()]
+        for repo, name, source in names:
+            self.files[(repo, name)] = source.read_bytes()
         self._hashlib = hashlib
 
     def info(self, repo, name):
@@ -283,7 +286,7 @@ def fake_hub(monkeypatch, tiny_dir):
 
     import huggingface_hub
 
-    hub = _FakeHub()
+    hub = _FakeHub(tiny_dir)
     monkeypatch.setattr(huggingface_hub, "HfApi", hub.api())
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
     archive = io.BytesIO()
@@ -307,7 +310,9 @@ def test_download_places_and_verifies_every_file(fake_hub, tmp_path, tiny_dir):
     target = tmp_path / "real"
     log = []
     models.download_models(target, eos_source=tiny_dir / "eos", log=log.append)
-    assert (target / "sd15-inpainting/unet/diffusion_pytorch_model.safetensors").read_bytes().endswith(b"contents")
+    unet = "sd15-inpainting/unet/diffusion_pytorch_model.safetensors"
+    assert (target / unet).read_bytes() == (tiny_dir / unet).read_bytes()
+    assert models.check_models(target) == []
     assert (target / "image_encoder/model.safetensors").is_file()
     assert (target / "image_encoder/preprocessor_config.json").is_file()
     assert models.faceid_path(target, "plusv2").is_file()
@@ -320,6 +325,22 @@ def test_download_places_and_verifies_every_file(fake_hub, tmp_path, tiny_dir):
     fake_hub.downloads.clear()
     models.download_models(target, eos_source=tiny_dir / "eos", log=log.append)
     assert fake_hub.downloads == []
+
+
+def test_download_fails_when_a_downloaded_model_does_not_pass_its_checks(fake_hub, tmp_path, tiny_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    key = (models.SD15_REPO, "unet/config.json")
+    config = json.loads(fake_hub.files[key])
+    fake_hub.files[key] = json.dumps({**config, "in_channels": 4}).encode()  # a text-to-image U-Net
+    with pytest.raises(ModelFileError, match="1 check failed: .*9"):
+        models.download_models(tmp_path / "real", eos_source=tiny_dir / "eos", log=lambda line: None)
+    result = CliRunner().invoke(app, ["models", "download", str(tmp_path / "cli")])
+    assert result.exit_code == 1 and "input channels" in result.output
 
 
 def test_download_rejects_a_corrupt_file(fake_hub, tmp_path):

@@ -112,6 +112,25 @@ def test_buckets_merge_and_keep_every_row_once(tmp_path):
     assert not (bucket / ".merge.lock").exists()
 
 
+def test_a_run_ends_with_every_bucket_in_one_file(tmp_path):
+    store = Store(tmp_path)
+    with store.run("dataset"):
+        for item in ("a", "b", "c"):
+            store.record_item(item, "running")
+            for chunk in range(COMPACT_AT + 5):
+                store.record_stage(item, "diffusion", chunk, "done", seconds=1, frames=4, cache_key="k")
+            store.record_item(item, "done")
+        buckets = [tmp_path / "metadata" / "stages" / bucket_of(i) for i in "abc"]
+        assert max(len(os.listdir(b)) for b in buckets) >= 3  # fragments and a segment meanwhile
+    for bucket in buckets:
+        assert [n[:4] for n in os.listdir(bucket)] == ["seg-"], bucket.name
+    for table in ("items", "stages"):
+        for bucket in (tmp_path / "metadata" / table).iterdir():
+            assert len(os.listdir(bucket)) <= 2, (table, bucket.name)
+    assert len(_stage_keys(store)) == 3 * (COMPACT_AT + 5)  # every row kept once
+    assert [r["state"] for r in store.status()] == ["done"] * 3
+
+
 def test_a_merge_killed_before_its_deletes_leaves_no_duplicate(tmp_path, monkeypatch):
     store = Store(tmp_path)
     monkeypatch.setattr(tables, "COMPACT_AT", 10**9)  # no merge while writing
