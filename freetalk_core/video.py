@@ -459,9 +459,10 @@ def write_video(path, frames: Iterable[np.ndarray], fps: float, audio=None, crf:
 
     Odd sizes are padded to even by edge replication. `audio` is a file with an audio stream
     (video or audio) or None; it is re-encoded to AAC, starting at the time of that file's first
-    video frame (`audio_lead`), and cut or silence-padded to the video's duration `n_frames / fps`. `metadata`: container tags (FFmpeg's MP4 muxer keeps the
-    standard ones: title, comment, description, encoder, ...). Written to a temporary file in
-    the same folder, then renamed.
+    video frame (`audio_lead`), and cut or silence-padded to the video's duration
+    `n_frames / fps`. `metadata`: container tags (FFmpeg's MP4 muxer keeps the standard ones:
+    title, comment, description, encoder, ...). Written to a temporary file in the same folder,
+    then renamed.
     """
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")

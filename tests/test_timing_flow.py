@@ -12,10 +12,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from test_timing import audio_stream, click_times, click_wav, decoded_video
 
 from freetalk_core import video
 from storage import Store
-from test_timing import audio_stream, click_times, click_wav, decoded_video
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(steps=2, batch_size=4)
