@@ -5,9 +5,12 @@
 
 "full" is the SD 1.5 inpainting architecture with IP-Adapter-FaceID-Plus at real size with random
 weights (the same FLOPs as the real checkpoints); "tiny" is `freetalk models tiny`. Both run the
-paper's settings: 512 x 512, 20 DPM-Solver++ steps, guidance 7.5. The baseline calls the stock
-diffusers inpainting pipeline clip by clip (5 frames per call), as its documentation shows for
-FaceID-Plus, in the same process on the same weights.
+paper's settings: 512 x 512, 20 DPM-Solver++ steps, guidance 7.5, at the product's precision
+(`diffusion.default_dtype`: float16 on CUDA, float32 on the CPU) unless `--dtype` says otherwise.
+The baseline calls the stock diffusers inpainting pipeline clip by clip (5 frames per call), as
+its documentation shows for FaceID-Plus, on the same weights. Each configuration runs in its own
+process (so each peak memory is its own); FLOPs are counted on the product's pipeline as it
+runs, the FaceID LoRA fused.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -144,30 +148,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--baseline-frames", type=int, default=None, help="frames for the stock baseline (default = --frames)")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--only", choices=["baseline", "freetalk"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.only is None:
+        return _compare(argv if argv is not None else sys.argv[1:], args)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     size = args.size if args.size != "auto" else ("full" if device.type == "cuda" else "tiny")
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else diffusion.default_dtype(device)
     frames = args.frames or (40 if device.type == "cuda" else 8)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {device_name}; models: {size}; dtype: {str(dtype).removeprefix('torch.')}; "
-          f"512x512, {args.steps} steps, guidance {args.guidance}", flush=True)
-
+    result = {"device": device_name, "size": size, "dtype": str(dtype).removeprefix("torch."), "steps": args.steps,
+              "guidance": args.guidance, "frames": frames}
     with tempfile.TemporaryDirectory() as tmp:
         pipe, clip_hidden = build_pipeline(size, device, dtype, Path(tmp))
-    inputs = make_inputs(frames, clip_hidden)
     noise = diffusion.initial_noise(42)
-    result = {"device": device_name, "size": size, "dtype": str(dtype), "steps": args.steps, "guidance": args.guidance,
-              "frames": frames}
 
-    if not args.no_baseline:
+    if args.only == "baseline":
         n_base = args.baseline_frames or frames
         base_inputs = make_inputs(n_base, clip_hidden, seed=1)
         stock_pipeline_run(pipe, tuple(x[:1] if getattr(x, "ndim", 0) >= 3 else x for x in base_inputs), noise,
@@ -180,36 +178,60 @@ def main(argv=None) -> dict:
         seconds = time.perf_counter() - t0
         result["baseline"] = {"frames": n_base, "seconds": seconds, "frames_per_s": n_base / seconds,
                               "peak_memory_gb": peak_memory_gb(device), "clip_frames": BASELINE_CLIP}
-        print(f"stock pipeline ({BASELINE_CLIP}-frame clips): {n_base / seconds:.3f} frames/s "
-              f"({seconds / n_base:.3f} s/frame), peak memory {result['baseline']['peak_memory_gb']:.2f} GiB", flush=True)
+    else:
+        inputs = make_inputs(frames, clip_hidden)
+        diffusion.optimize_pipeline(pipe)
+        flops = count_flops_per_frame(pipe, inputs, noise, args.steps, args.guidance)
+        if args.compile:
+            diffusion.optimize_pipeline(pipe, compile_unet=True)
+        batch = args.batch_size or diffusion.default_batch_size(device)
+        crops, masks, structure, negative, identity = inputs
+        warm = min(batch, frames)
+        diffusion.generate_in_batches(pipe, crops[:warm], masks[:warm], structure[:warm], negative, identity, noise,
+                                      batch_size=batch, steps=args.steps if args.compile else 2, guidance=args.guidance)
+        sync(device)
+        reset_peak(device)
+        t0 = time.perf_counter()
+        diffusion.generate_in_batches(pipe, crops, masks, structure, negative, identity, noise, batch_size=batch,
+                                      steps=args.steps, guidance=args.guidance)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        fps = frames / seconds
+        achieved = flops * fps / 1e12
+        peak = next((v for k, v in PEAK_DENSE_TFLOPS.items() if k in device_name), None) if device.type == "cuda" else None
+        result["freetalk"] = {"frames": frames, "batch_size": batch, "seconds": seconds, "frames_per_s": fps,
+                              "tflop_per_frame": flops / 1e12, "achieved_tflops": achieved,
+                              "mfu": achieved / peak if peak else None, "peak_memory_gb": peak_memory_gb(device),
+                              "compiled": args.compile}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
 
-    flops = count_flops_per_frame(pipe, inputs, noise, args.steps, args.guidance)
-    diffusion.optimize_pipeline(pipe, compile_unet=args.compile)
-    batch = args.batch_size or diffusion.default_batch_size(device)
-    crops, masks, structure, negative, identity = inputs
-    warm = min(batch, frames)
-    diffusion.generate_in_batches(pipe, crops[:warm], masks[:warm], structure[:warm], negative, identity, noise,
-                                  batch_size=batch, steps=args.steps if args.compile else 2, guidance=args.guidance)
-    sync(device)
-    reset_peak(device)
-    t0 = time.perf_counter()
-    diffusion.generate_in_batches(pipe, crops, masks, structure, negative, identity, noise, batch_size=batch,
-                                  steps=args.steps, guidance=args.guidance)
-    sync(device)
-    seconds = time.perf_counter() - t0
-    fps = frames / seconds
-    achieved = flops * fps / 1e12
-    peak = next((v for k, v in PEAK_DENSE_TFLOPS.items() if k in device_name), None) if device.type == "cuda" else None
-    result["freetalk"] = {"frames": frames, "batch_size": batch, "seconds": seconds, "frames_per_s": fps,
-                          "tflop_per_frame": flops / 1e12, "achieved_tflops": achieved,
-                          "mfu": achieved / peak if peak else None, "peak_memory_gb": peak_memory_gb(device),
-                          "compiled": args.compile}
-    print(f"freetalk (batch {batch}): {fps:.3f} frames/s ({seconds / frames:.3f} s/frame); "
-          f"{flops / 1e12:.3f} TFLOP/frame counted; {achieved:.3f} TFLOP/s achieved"
-          + (f"; MFU {achieved / peak:.1%} of {peak:.0f} TFLOP/s" if peak else "; MFU n/a (no peak figure)")
-          + f"; peak memory {result['freetalk']['peak_memory_gb']:.2f} GiB", flush=True)
+
+def _compare(argv: list[str], args) -> dict:
+    """Each configuration in a child process of its own; their results side by side."""
+    result: dict = {}
+    clean = [a for i, a in enumerate(argv) if not (a == "--json" or a.startswith("--json=")
+                                                    or (i and argv[i - 1] == "--json"))]
+    with tempfile.TemporaryDirectory() as tmp:
+        for only in ([] if args.no_baseline else ["baseline"]) + ["freetalk"]:
+            out = Path(tmp) / f"{only}.json"
+            subprocess.run([sys.executable, __file__, *clean, "--only", only, "--json", str(out)], check=True)
+            result.update(json.loads(out.read_text()))
+    print(f"device: {result['device']}; models: {result['size']}; dtype: {result['dtype']}; "
+          f"512x512, {result['steps']} steps, guidance {result['guidance']}")
     if "baseline" in result:
-        result["speedup_vs_stock"] = fps / result["baseline"]["frames_per_s"]
+        b = result["baseline"]
+        print(f"stock pipeline ({BASELINE_CLIP}-frame clips, own process): {b['frames_per_s']:.3f} frames/s "
+              f"({b['seconds'] / b['frames']:.3f} s/frame), peak memory {b['peak_memory_gb']:.2f} GiB")
+    f = result["freetalk"]
+    print(f"freetalk (batch {f['batch_size']}, own process): {f['frames_per_s']:.3f} frames/s "
+          f"({f['seconds'] / f['frames']:.3f} s/frame); {f['tflop_per_frame']:.3f} TFLOP/frame counted; "
+          f"{f['achieved_tflops']:.3f} TFLOP/s achieved"
+          + (f"; MFU {f['mfu']:.1%}" if f["mfu"] else "; MFU n/a (no peak figure)")
+          + f"; peak memory {f['peak_memory_gb']:.2f} GiB")
+    if "baseline" in result:
+        result["speedup_vs_stock"] = f["frames_per_s"] / result["baseline"]["frames_per_s"]
         print(f"speed-up over the stock pipeline: {result['speedup_vs_stock']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -32,11 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from freetalk_core import face_crop  # noqa: E402
 from freetalk_core.fit_3dmm import fit_frame_vertices, fit_landmarks, load_face_model  # noqa: E402
+from freetalk_core.lips import lip_opening  # noqa: E402
 from freetalk_core.structure_render import (  # noqa: E402
     ModernGLRenderer,
     lip_colour_lab,
-    lip_distance,
-    normalised_landmarks,
     render_structure_frames,
 )
 from freetalk_core.video import read_video  # noqa: E402
@@ -107,8 +106,8 @@ def main() -> None:
         lv = model.landmark_vertex
         mesh = np.stack([fit_frame_vertices(model, fits[name], t)[np.maximum(lv, 0), :2]
                          for t in range(len(landmarks))])
-        a = lip_distance(normalised_landmarks(mesh))
-        b = lip_distance(normalised_landmarks(landmarks))
+        a = lip_opening(mesh)
+        b = lip_opening(landmarks)
         print(f"  {name:44s} Pearson {np.corrcoef(a, b)[0, 1]:.3f}, std ratio {a.std() / b.std():.2f}")
 
     rows, render_ms = [], []
@@ -125,13 +124,13 @@ def main() -> None:
         render_ms.append(1000 * (time.perf_counter() - start) / n)
         rendered = detect_all(detector, frames)
         reference = detect_all(detector, lip_crops[:n])
-        a = lip_distance(normalised_landmarks(rendered))
-        b = lip_distance(normalised_landmarks(reference))
+        a = lip_opening(rendered)
+        b = lip_opening(reference)
         ok = np.isfinite(a) & np.isfinite(b)
         pearson = float(np.corrcoef(a[ok], b[ok])[0, 1])
         ratio = float(a[ok].std() / b[ok].std())
         psnr = float(np.mean([upper_face_psnr(f, c, l) for f, c, l in zip(frames, crops, landmarks)]))
-        closed = np.argsort(lip_distance(normalised_landmarks(landmarks[:n])))[:8]
+        closed = np.argsort(lip_opening(landmarks[:n]))[:8]
         identity_lips = np.mean([lip_colour_lab(crops[i], landmarks[i]) for i in closed], axis=0)
         rendered_lips = np.mean([lip_colour_lab(f, l) for f, l in zip(frames, rendered) if np.isfinite(l).all()], axis=0)
         dlab = float(np.linalg.norm(identity_lips - rendered_lips))

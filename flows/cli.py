@@ -46,10 +46,15 @@ Keep = Annotated[str, typer.Option(
     help="What the store keeps of a done item: all (every stage's arrays) or final (output, stage rows, metrics).")]
 FilterAlongMotion = Annotated[bool, typer.Option(help="Noise Sensor: smooth each pixel along its motion "
                                                  "(default) or in place.")]
+NoiseWindow = Annotated[int, typer.Option(min=2, help="Noise Sensor: flow fields in the sliding statistics window.")]
+FaceIdVariant = Annotated[str, typer.Option(help="IP-Adapter-FaceID file: plus (default) or plusv2.")]
+IpScale = Annotated[float, typer.Option(min=0.0, help="IP-Adapter scale.")]
+LambdaRange = Annotated[tuple[float, float], typer.Option(help="Controller: the range lambda_t is clipped to (MIN MAX).")]
 
 
 def generation_settings(steps: int, guidance: float, seed: int, batch_size: Optional[int], device: str,
-                        kernel_size: int, flow_reference: str, filter_along_motion: bool,
+                        kernel_size: int, flow_reference: str, filter_along_motion: bool, noise_window: int,
+                        faceid_variant: str, ip_scale: float, lambda_range: tuple[float, float],
                         fps: Optional[float]) -> dict:
     """The generation options as flow settings; a bad value exits with status 2 and one line."""
     if fps is not None and not fps > 0:
@@ -60,9 +65,15 @@ def generation_settings(steps: int, guidance: float, seed: int, batch_size: Opti
         fail(f"--kernel-size must be odd, got {kernel_size}", 2)
     if flow_reference not in ("structure", "identity"):
         fail(f"--flow-reference must be structure or identity, got {flow_reference!r}", 2)
+    if faceid_variant not in ("plus", "plusv2"):
+        fail(f"--faceid-variant must be plus or plusv2, got {faceid_variant!r}", 2)
+    if not 0 < lambda_range[0] <= 1 <= lambda_range[1]:
+        fail(f"--lambda-range needs 0 < MIN <= 1 <= MAX, got {lambda_range[0]} {lambda_range[1]}", 2)
     return dict(steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                 kernel_size=kernel_size, flow_reference=flow_reference,
-                filter_along_motion=filter_along_motion, fps=fps)
+                filter_along_motion=filter_along_motion, noise_window=noise_window,
+                faceid_variant=faceid_variant, ip_adapter_scale=ip_scale, lambda_range=tuple(lambda_range),
+                fps=fps)
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
@@ -99,6 +110,10 @@ def generate(
     flow_reference: FlowReference = "structure",
     filter_along_motion: FilterAlongMotion = True,
     fps: Fps = None,
+    noise_window: NoiseWindow = 100,
+    faceid_variant: FaceIdVariant = "plus",
+    ip_scale: IpScale = 1.0,
+    lambda_range: LambdaRange = (0.5, 2.0),
     keep: Keep = "all",
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
     mark: bool = MARK,
@@ -110,7 +125,8 @@ def generate(
     from freetalk_core.errors import FreetalkError
 
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
-                                   filter_along_motion, fps)
+                                   filter_along_motion, noise_window, faceid_variant, ip_scale, lambda_range,
+                                   fps)
     if preview and keep == "final":
         fail("--preview needs the stage arrays: use it with --keep all", 2)
     store_dir = resolve_store(store)
@@ -150,6 +166,10 @@ def dataset(
     flow_reference: FlowReference = "structure",
     filter_along_motion: FilterAlongMotion = True,
     fps: Fps = None,
+    noise_window: NoiseWindow = 100,
+    faceid_variant: FaceIdVariant = "plus",
+    ip_scale: IpScale = 1.0,
+    lambda_range: LambdaRange = (0.5, 2.0),
     mark: bool = MARK,
     label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
@@ -158,7 +178,8 @@ def dataset(
     recorded with a one-line reason, the rest goes on; exit 1 if anything failed."""
     configure_environment(verbose)
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
-                                   filter_along_motion, fps)
+                                   filter_along_motion, noise_window, faceid_variant, ip_scale, lambda_range,
+                                   fps)
     if workers and dask_address:
         fail("give --workers or --dask-address, not both", 2)
     from flows.dataset import dataset_task_runner, process_dataset

@@ -27,12 +27,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 from pydantic import BaseModel
 
-from flows.generate import MODEL_PARTS, begin_item, complete_item, make_job, run_stages, stage_keys
+from flows.generate import begin_item, complete_item, make_job, run_stages, stage_keys
 from flows.runtime import store_settings
 from freetalk_core.errors import FreetalkError
 from storage import STAGES, Store
 from storage.store import check_item_id
-from tasks.common import ItemJob, StageRef, model_loads, models_fingerprint, one_line
+from tasks.common import MODEL_PARTS, ItemJob, StageRef, model_loads, models_fingerprint, one_line
 
 REQUIRED_COLUMNS = ("item_id", "identity", "lip_ref")
 PREPARE_STAGES = STAGES[:STAGES.index("diffusion")]
@@ -276,6 +276,8 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
                     keep: str = "all", steps: int = 20, guidance: float = 7.5, seed: int = 42,
                     batch_size: int | None = None, device: str = "auto", kernel_size: int = 5,
                     flow_reference: str = "structure", filter_along_motion: bool = True,
+                    noise_window: int = 100, faceid_variant: str = "plus", ip_adapter_scale: float = 1.0,
+                    lambda_range: tuple[float, float] = (0.5, 2.0),
                     mark: bool = True, label: str | None = None,
                     fps: float | None = None) -> dict[str, dict[str, Any]]:
     """Generate every manifest pair not already done, across the Dask cluster.
@@ -289,7 +291,9 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
     logger = get_run_logger()
     settings = dict(steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                     kernel_size=kernel_size, flow_reference=flow_reference,
-                    filter_along_motion=filter_along_motion, mark=mark, label=label, keep=keep, fps=fps)
+                    filter_along_motion=filter_along_motion, noise_window=noise_window,
+                    faceid_variant=faceid_variant, ip_adapter_scale=ip_adapter_scale,
+                    lambda_range=tuple(lambda_range), mark=mark, label=label, keep=keep, fps=fps)
     rows = read_manifest(manifest)
     db = Store(store)
     db.register_items([row for row in rows if not _row_problem(row)])

@@ -12,8 +12,8 @@ from prefect import flow, get_run_logger
 from freetalk_core import video
 from freetalk_core.errors import FreetalkError, VideoReadError
 from storage import Store, sha256_file
-from tasks.clip_embed import clip_embed
 from tasks.chunks import FINISH
+from tasks.clip_embed import clip_embed
 from tasks.common import KEEP_CHOICES, ItemJob, StageRef, models_fingerprint, one_line, progress, stage_key
 from tasks.controller import controller
 from tasks.diffusion import diffusion
@@ -22,7 +22,6 @@ from tasks.fit_3dmm import fit_3dmm
 from tasks.noise_filter import noise_filter
 from tasks.optical_flow import optical_flow
 from tasks.structure_render import structure_render
-
 
 STAGE_TASKS = {"face_crop": face_crop, "fit_3dmm": fit_3dmm, "structure_render": structure_render,
                "clip_embed": clip_embed, "controller": controller, "diffusion": diffusion,
@@ -88,10 +87,6 @@ def default_item_id(identity: str, lip_ref: str, hashes: dict) -> str:
     return f"{stem(identity)}__{stem(lip_ref)}__{digest}"
 
 
-MODEL_PARTS = ("eos", "image_encoder", "insightface", "sd15-inpainting", "ip-adapter")
-"""The models folder's parts that stage keys fingerprint."""
-
-
 def stage_keys(job: ItemJob, fingerprints: dict[str, str] | None = None) -> dict[str, str]:
     """Every stage's key, chained so a change upstream reaches everything downstream.
 
@@ -111,7 +106,8 @@ def stage_keys(job: ItemJob, fingerprints: dict[str, str] | None = None) -> dict
         "clip_embed": {"models": fp("image_encoder", "insightface")},
         "controller": {"lambda_range": list(job.lambda_range)},
         "diffusion": {"models": fp("sd15-inpainting", "ip-adapter"), "steps": job.steps,
-                      "guidance": job.guidance, "seed": job.seed, "ip": job.ip_adapter_scale},
+                      "guidance": job.guidance, "seed": job.seed, "ip": job.ip_adapter_scale,
+                      "faceid": job.faceid_variant},
         "optical_flow": {"reference": job.flow_reference},
         "noise_filter": {"kernel_size": job.kernel_size, "window": job.noise_window,
                          "along_motion": job.filter_along_motion,
@@ -205,8 +201,14 @@ def generate_to(job: ItemJob, out: str | Path) -> Path:
 def generate_pair(identity: str, lip_ref: str, out: str, store: str, models: str,
                   audio: str | None = None, steps: int = 20, guidance: float = 7.5,
                   seed: int = 42, batch_size: int | None = None, device: str = "auto",
-                  fps: float | None = None) -> str:
+                  kernel_size: int = 5, flow_reference: str = "structure", filter_along_motion: bool = True,
+                  noise_window: int = 100, faceid_variant: str = "plus", ip_adapter_scale: float = 1.0,
+                  lambda_range: tuple[float, float] = (0.5, 2.0), fps: float | None = None) -> str:
     """Deployment entry point: plain parameters in, the output path out."""
     job = make_job(identity, lip_ref, audio=audio, store=store, models=models, steps=steps,
-                   guidance=guidance, seed=seed, batch_size=batch_size, device=device, fps=fps)
+                   guidance=guidance, seed=seed, batch_size=batch_size, device=device,
+                   kernel_size=kernel_size, flow_reference=flow_reference,
+                   filter_along_motion=filter_along_motion, noise_window=noise_window,
+                   faceid_variant=faceid_variant, ip_adapter_scale=ip_adapter_scale,
+                   lambda_range=tuple(lambda_range), fps=fps)
     return str(generate_to(job, out))

@@ -55,7 +55,7 @@ def lip_opening_curves(store: Store, item_id: str) -> dict[str, np.ndarray]:
     crops and of the structure frames, both measured with the landmark detector on the images:
     `{"lip reference": (T,), "structure": (T,)}` float32, NaN where it finds no face."""
     from freetalk_core.face_crop import LandmarkDetector
-    from freetalk_core.structure_render import lip_distance, normalised_landmarks
+    from freetalk_core.lips import lip_opening
 
     detector = LandmarkDetector()
     curves = {}
@@ -68,7 +68,7 @@ def lip_opening_curves(store: Store, item_id: str) -> dict[str, np.ndarray]:
                 found = detector.detect(image)
                 if found is not None:
                     landmarks[t] = found
-        curves[name] = lip_distance(normalised_landmarks(landmarks))
+        curves[name] = lip_opening(landmarks)
     return curves
 
 

@@ -264,6 +264,11 @@ def generate_frames(
     return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The product's precision: float16 on CUDA, float32 on the CPU."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def optimize_pipeline(pipe, fuse_lora: bool = True, channels_last: bool | None = None, compile_unet: bool = False,
                       vae_slicing: bool | None = None):
     """Speed and memory settings that leave every frame's result unchanged beyond float rounding.

@@ -35,15 +35,13 @@ import numpy as np
 
 from freetalk_core import CROP_SIZE
 from freetalk_core.fit_3dmm import FaceModel, FitResult, identity_shape, project_vertices
+from freetalk_core.lips import closed_mouth_index, lip_opening, normalised_landmarks
 
 TEXTURE_SIZE = 512
 """Side of the identity's texture map, in texels."""
 
 MOUTH_INTERIOR_RGB = (52, 22, 24)
 """Colour of the mouth cavity: a dark, slightly red throat."""
-
-OUTER_LIP_PAIRS = ((50, 58), (51, 57), (52, 56))
-"""Upper/lower outer-lip landmark pairs (0-based iBUG) whose vertical distances make the lip opening."""
 
 UPPER_LIP = np.array([48, 49, 50, 51, 52, 53, 54, 60, 61, 62, 63, 64])
 LOWER_LIP = np.array([48, 54, 55, 56, 57, 58, 59, 60, 64, 65, 66, 67])
@@ -203,19 +201,8 @@ def make_renderer(backend: str = "auto") -> Renderer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Lip opening and the normalised face frame
+# Lip colour and the lip reference's mouth motion
 # ---------------------------------------------------------------------------------------------
-
-
-def lip_distance(landmarks: np.ndarray) -> np.ndarray:
-    """(T,) float32 mean vertical distance of the outer-lip pairs 50-58, 51-57, 52-56, in px.
-
-    landmarks: (T, 68, 2) float32.
-    """
-    landmarks = np.asarray(landmarks, dtype=np.float32)
-    upper = landmarks[:, [p[0] for p in OUTER_LIP_PAIRS], 1]
-    lower = landmarks[:, [p[1] for p in OUTER_LIP_PAIRS], 1]
-    return (lower - upper).mean(axis=1).astype(np.float32)
 
 
 def lip_colour_lab(image: np.ndarray, landmarks: np.ndarray, border_px: int = 2) -> np.ndarray:
@@ -236,37 +223,6 @@ def lip_colour_lab(image: np.ndarray, landmarks: np.ndarray, border_px: int = 2)
         raise ValueError("the lip polygon covers no pixel")
     lab = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
     return lab[mask > 0].mean(axis=0).astype(np.float32)
-
-
-def _eye_centres(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return landmarks[..., 36:42, :].mean(axis=-2), landmarks[..., 42:48, :].mean(axis=-2)
-
-
-def normalised_landmarks(landmarks: np.ndarray) -> np.ndarray:
-    """(T, 68, 2) float32 landmarks in the face's own frame: eyes level, origin between the eyes,
-    unit inter-ocular distance (x right, y down).
-
-    landmarks: (T, 68, 2) float32 px.
-    """
-    landmarks = np.asarray(landmarks, dtype=np.float64)
-    left, right = _eye_centres(landmarks)
-    axis = right - left
-    distance = np.linalg.norm(axis, axis=-1, keepdims=True)
-    c, s = (axis / distance)[..., 0], (axis / distance)[..., 1]
-    centred = landmarks - ((left + right) / 2)[:, None]
-    x = c[:, None] * centred[..., 0] + s[:, None] * centred[..., 1]
-    y = -s[:, None] * centred[..., 0] + c[:, None] * centred[..., 1]
-    return (np.stack([x, y], axis=-1) / distance[:, None]).astype(np.float32)
-
-
-def closed_mouth_index(landmarks: np.ndarray, window: int = 5) -> int:
-    """Index of the most closed mouth: the minimum of the inter-ocular-normalised lip opening,
-    smoothed with a centred moving average of `window` frames. landmarks: (T, 68, 2)."""
-    opening = lip_distance(normalised_landmarks(landmarks)).astype(np.float64)
-    if len(opening) >= window:
-        padded = np.pad(opening, window // 2, mode="edge")
-        opening = np.convolve(padded, np.ones(window) / window, mode="valid")
-    return int(np.argmin(opening))
 
 
 def mouth_motion(lip_landmarks: np.ndarray) -> np.ndarray:
@@ -450,7 +406,7 @@ class MouthRig:
         mapped = landmark_vertex >= 0
         points[mapped] = vertices[landmark_vertex[mapped]]
         projected = project_vertices(points, modelview, projection, size)[None, :, :2]
-        return float(lip_distance(normalised_landmarks(projected))[0])
+        return float(lip_opening(projected)[0])
 
     def registration_motion(self, landmarks: np.ndarray, modelview: np.ndarray,
                             projection: np.ndarray, size: int) -> np.ndarray:
@@ -597,7 +553,7 @@ class StructureFrames:
         # The identity's own closed mouth: the rig's base, the texture's frames, the motion's origin.
         shape = identity_shape(identity_fit)
         anchor = closed_mouth_index(self.landmarks)
-        opening = lip_distance(normalised_landmarks(self.landmarks))
+        opening = lip_opening(self.landmarks)
         closed = np.argsort(opening, kind="stable")[: max(1, min(texture_frames, T))]
         self.rig = rig = MouthRig(model, shape, identity_fit.expression_coeffs[anchor], self.landmarks[anchor],
                                   identity_fit.modelview[anchor], identity_fit.projection[anchor], identity_fit.size)
@@ -615,8 +571,8 @@ class StructureFrames:
         self.motion = mouth_motion(lip_landmarks)
         # Target opening: the identity's own closed mouth, opened as much as the lip reference's
         # is opened from its own closed mouth.
-        lip_opening = lip_distance(normalised_landmarks(lip_landmarks))
-        self.target = np.maximum(opening[anchor] + lip_opening - lip_opening[closed_mouth_index(lip_landmarks)], 0.0)
+        reference = lip_opening(lip_landmarks)
+        self.target = np.maximum(opening[anchor] + reference - reference[closed_mouth_index(lip_landmarks)], 0.0)
         self.drop = np.zeros((68, 2), np.float32)
         self.drop[LOWER_JAW_AND_LIP, 1] = 0.05
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -70,6 +70,7 @@ class ItemJob(BaseModel):
     guidance: float = 7.5
     seed: int = 42
     ip_adapter_scale: float = 1.0
+    faceid_variant: str = "plus"
     lambda_range: tuple[float, float] = (0.5, 2.0)
     flow_reference: str = "structure"
     kernel_size: int = 5
@@ -111,6 +112,10 @@ def stage_key(stage: str, params: dict[str, Any], upstream: list[StageRef] = ())
 FINGERPRINT_CACHE = ".freetalk-fingerprint.json"
 """File in a models folder that remembers each file's sha256 by (relative path, size,
 modification time), so a file is hashed again only when it changes."""
+
+
+MODEL_PARTS = ("sd15-inpainting", "ip-adapter", "image_encoder", "insightface", "eos")
+"""The parts of the models folder that results depend on (fingerprinted in stage keys)."""
 
 
 def models_fingerprint(models_dir: Path, component: str) -> str:
@@ -284,3 +289,32 @@ def _run_logger():
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("freetalk")
+
+
+FLOW_STEP = 1.0 / 64
+"""Stored flow fields are int16 multiples of this (px): 1/64 px resolution, +-512 px range
+(more than a crop). Quantised, the smooth fields compress far better than float16 (10x on the
+sample pair, bench/store_scale.py); the Noise Sensor reads them back as float32 (`read_flows`)."""
+
+
+def flow_values(flow_field: np.ndarray) -> np.ndarray:
+    """`(..., 2)` float px -> the stored int16."""
+    return np.clip(np.rint(np.asarray(flow_field) / FLOW_STEP), -32768, 32767).astype(np.int16)
+
+
+def read_flows(array, start: int | None = None, stop: int | None = None) -> np.ndarray:
+    """Stored flow fields `[start, stop)` as `(n, h, w, 2) float32` px."""
+    return np.asarray(array[start:stop], dtype=np.float32) * np.float32(FLOW_STEP)
+
+
+def load_fit(store: Store, item_id: str, role: str):
+    """The stored `FitResult` of `role` ("identity" or "lip_ref"), one entry per output frame."""
+    import dataclasses
+
+    from freetalk_core.fit_3dmm import FitResult
+
+    values = {}
+    for field in dataclasses.fields(FitResult):
+        value = store.read(item_id, "fit_3dmm", f"{role}_{field.name}")
+        values[field.name] = value.item() if value.ndim == 0 else value
+    return FitResult(**values)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from prefect import task
 
-from freetalk_core import controller as ctl
+from freetalk_core import lips
+from freetalk_core.controller import adjust_embeddings, lambdas
 from tasks.chunks import StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef
 
@@ -24,10 +25,10 @@ def controller(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef) ->
     store = run.store
 
     def setup():
-        h = ctl.lip_distance(store.read(item, "face_crop", "lip_ref_landmarks"))
-        anchor = ctl.anchor_index(h)
+        landmarks = store.read(item, "face_crop", "lip_ref_landmarks")
+        h, anchor = lips.lip_distance(landmarks), lips.closed_mouth_index(landmarks)
         store.write_array(item, STAGE, "lip_distance", h.astype(np.float32))
-        store.write_array(item, STAGE, "lambdas", ctl.lambdas(h, tuple(job.lambda_range)).astype(np.float32))
+        store.write_array(item, STAGE, "lambdas", lambdas(h, tuple(job.lambda_range)).astype(np.float32))
         store.write_array(item, STAGE, "anchor_index", np.array(anchor, dtype=np.int64))
         store.set_attrs(item, STAGE, anchor_index=anchor)
 
@@ -41,7 +42,7 @@ def controller(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef) ->
     def compute(start, stop, block):
         # The anchor rides along as row 0 with lambda 1, so every chunk adjusts towards it.
         stacked = np.concatenate([e_anchor, block]).astype(np.float32)
-        out[start:stop] = ctl.adjust_embeddings(stacked, 0, np.concatenate([[1.0], lam[start:stop]]))[1:] \
+        out[start:stop] = adjust_embeddings(stacked, 0, np.concatenate([[1.0], lam[start:stop]]))[1:] \
             .astype(np.float16)
 
     run.run_chunks(compute, lambda start, stop: e[start:stop])

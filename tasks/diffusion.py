@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from prefect import task
 
 from freetalk_core import CROP_SIZE
@@ -27,13 +26,14 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
     store = run.store
     device = resolve_device(job.device)
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = dm.default_dtype(device)
 
     def load():
-        pipe = dm.load_pipeline(job.models_dir, device=device, dtype=dtype)
+        pipe = dm.load_pipeline(job.models_dir, device=device, dtype=dtype, faceid_variant=job.faceid_variant)
         return dm.optimize_pipeline(pipe) if device == "cuda" else pipe
 
-    pipe = load_cached("diffusion pipeline", load, models=job.models_dir,
+    kind = "diffusion pipeline" + ("" if job.faceid_variant == "plus" else f" ({job.faceid_variant})")
+    pipe = load_cached(kind, load, models=job.models_dir,
                        components=("sd15-inpainting", "ip-adapter"), device=device, dtype=dtype)
     noise = dm.initial_noise(job.seed, CROP_SIZE, CROP_SIZE)
     negative = store.read(item, "clip_embed", "negative_embedding").astype(np.float32)

@@ -23,15 +23,6 @@ ROLES = ("identity", "lip_ref")
 FIELDS = [f.name for f in dataclasses.fields(fit.FitResult) if f.name != "size"]
 
 
-def load_fit(store: Store, item_id: str, role: str):
-    """The `FitResult` of `role` ("identity" or "lip_ref"), one entry per output frame."""
-    values = {}
-    for field in dataclasses.fields(fit.FitResult):
-        value = store.read(item_id, STAGE, f"{role}_{field.name}")
-        values[field.name] = value.item() if value.ndim == 0 else value
-    return fit.FitResult(**values)
-
-
 def _sources(store: Store, item_id: str, role: str):
     """`(distinct source frames' first output frame, output -> distinct index)`."""
     source_index = store.read(item_id, "face_crop", f"{role}_index")

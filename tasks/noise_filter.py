@@ -21,9 +21,8 @@ from freetalk_core import noise_sensor as ns
 from storage import Store, sha256_file
 from tasks import provenance
 from tasks.chunks import FINISH, StageRun
-from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges, mask_weights
+from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges, mask_weights, read_flows
 from tasks.frames import MASK_TILE, SourceFrames
-from tasks.optical_flow import read_flows
 
 STAGE = "noise_filter"
 

@@ -8,26 +8,10 @@ from prefect import task
 from freetalk_core import flow
 from storage import Store
 from tasks.chunks import StageRun
-from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges
+from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges, flow_values
 from tasks.frames import Crops, StoredStructureFrames
 
 STAGE = "optical_flow"
-FLOW_STEP = 1.0 / 64
-"""Stored flow fields are int16 multiples of this (px): 1/64 px resolution, +-512 px range
-(more than a crop). Quantised, the smooth fields compress far better than float16 (10x on the
-sample pair, bench/store_scale.py); the Noise Sensor reads them back as float32 (`read_flows`)."""
-
-
-def flow_values(flow_field: np.ndarray) -> np.ndarray:
-    """`(..., 2)` float px -> the stored int16."""
-    return np.clip(np.rint(np.asarray(flow_field) / FLOW_STEP), -32768, 32767).astype(np.int16)
-
-
-def read_flows(array, start: int | None = None, stop: int | None = None) -> np.ndarray:
-    """Stored flow fields `[start, stop)` as `(n, h, w, 2) float32` px."""
-    return np.asarray(array[start:stop], dtype=np.float32) * np.float32(FLOW_STEP)
-
-
 def reference_frames(store: Store, job: ItemJob) -> Crops | StoredStructureFrames:
     """The frames whose motion the output should have (METHOD.md step 7)."""
     if job.flow_reference == "structure":

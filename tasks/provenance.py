@@ -8,10 +8,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from freetalk_core import provenance
-from tasks.common import ItemJob
+from tasks.common import MODEL_PARTS, ItemJob
 
-MODEL_COMPONENTS = ["sd15-inpainting", "ip-adapter", "image_encoder", "insightface", "eos"]
-PARAMETERS = ["fps", "steps", "guidance", "seed", "ip_adapter_scale", "lambda_range", "flow_reference",
+PARAMETERS = ["fps", "steps", "guidance", "seed", "ip_adapter_scale", "faceid_variant", "lambda_range", "flow_reference",
               "kernel_size", "noise_window", "filter_along_motion"]
 
 
@@ -36,5 +35,5 @@ def sign_output(output: Path, job: ItemJob) -> None:
     parameters.update(label=job.label, watermarked=job.mark, item_id=job.item_id)
     definition = provenance.signing.manifest_definition(
         output.name, provenance.freetalk_version(), ingredients, parameters,
-        provenance.signing.model_hashes(job.models, MODEL_COMPONENTS), watermark_id(job))
+        provenance.signing.model_hashes(job.models, MODEL_PARTS), watermark_id(job))
     provenance.sign_mp4(output, definition, ingredients)

@@ -15,8 +15,7 @@ from freetalk_core import CROP_SIZE
 from freetalk_core import fit_3dmm as fit
 from freetalk_core import structure_render as sr
 from tasks.chunks import StageRun
-from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached
-from tasks.fit_3dmm import load_fit
+from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached, load_fit
 from tasks.frames import MASK_TILE, Crops
 
 STAGE = "structure_render"

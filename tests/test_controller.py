@@ -1,14 +1,14 @@
 import numpy as np
 import pytest
 
-from freetalk_core import controller
+from freetalk_core import controller, lips
 
 
 def _landmarks_with_openings(openings):
     """Landmarks whose three outer-lip pairs are `openings[t]` pixels apart vertically."""
     lm = np.zeros((len(openings), 68, 2), dtype=np.float32)
     for t, h in enumerate(openings):
-        for upper, lower in controller.OUTER_LIP_PAIRS:
+        for upper, lower in lips.OUTER_LIP_PAIRS:
             lm[t, upper] = (upper, 300.0)
             lm[t, lower] = (upper, 300.0 + h)
     return lm
@@ -17,12 +17,12 @@ def _landmarks_with_openings(openings):
 def test_raw_lip_distance_is_mean_of_three_vertical_gaps():
     lm = _landmarks_with_openings([4.0])
     lm[0, 58, 1] = 300.0 + 10.0  # left pair opens further: (10 + 4 + 4) / 3
-    assert controller.raw_lip_distance(lm)[0] == pytest.approx(6.0)
+    assert lips.raw_lip_distance(lm)[0] == pytest.approx(6.0)
 
 
 def test_lip_distance_is_centred_moving_average_of_five():
     h = np.array([1, 2, 3, 4, 10, 6, 7], dtype=float)
-    got = controller.lip_distance(_landmarks_with_openings(h))
+    got = lips.lip_distance(_landmarks_with_openings(h))
     # hand-computed: ends average the frames that exist
     expected = [(1 + 2 + 3) / 3, (1 + 2 + 3 + 4) / 4, (1 + 2 + 3 + 4 + 10) / 5,
                 (2 + 3 + 4 + 10 + 6) / 5, (3 + 4 + 10 + 6 + 7) / 5, (4 + 10 + 6 + 7) / 4,
@@ -30,8 +30,11 @@ def test_lip_distance_is_centred_moving_average_of_five():
     np.testing.assert_allclose(got, expected)
 
 
-def test_anchor_is_most_closed_frame():
-    assert controller.anchor_index(np.array([3.0, 2.0, 0.5, 4.0])) == 2
+def test_anchor_is_the_most_closed_frame_of_the_smoothed_opening():
+    # Frame 2 is the most closed raw; smoothed over five frames, the last one is (1 + 1 + 1) / 3.
+    h = np.array([3.0, 3.0, 0.5, 4.0, 1.0, 1.0, 1.0])
+    assert lips.closed_mouth_index(_landmarks_with_openings(h)) == int(np.argmin(lips.lip_distance(
+        _landmarks_with_openings(h)))) == 6
 
 
 def test_lambdas_ratio_with_first_one_and_clipping():

@@ -74,3 +74,43 @@ def test_local_cluster_has_single_threaded_workers_that_declare_a_gpu_slot(monke
     assert remote.address == "tcp://10.0.0.5:8786" and not remote.cluster_kwargs
     monkeypatch.setenv("FREETALK_WORKERS", "5")
     assert dataset_task_runner().cluster_kwargs["n_workers"] == 5
+
+
+def test_every_method_parameter_reaches_the_job_and_the_keys(monkeypatch, tmp_path, tiny_models):
+    import inspect
+
+    from typer.testing import CliRunner
+
+    import flows.cli as cli
+    from flows.dataset import process_dataset
+    from flows.generate import generate_pair, make_job, stage_keys
+
+    seen = {}
+    monkeypatch.setattr(cli, "run_pair", lambda *args, **kwargs: seen.update(kwargs) or ("x", tmp_path / "o.mp4"))
+    for name in ("identity.mp4", "lip.mp4"):
+        (tmp_path / name).write_bytes(b"\0")
+    options = ["--faceid-variant", "plusv2", "--ip-scale", "0.7", "--lambda-range", "0.8", "1.25",
+               "--noise-window", "50", "--kernel-size", "7"]
+    result = CliRunner().invoke(cli.app, ["generate", str(tmp_path / "identity.mp4"), str(tmp_path / "lip.mp4"),
+                                          "-o", str(tmp_path / "o.mp4"), "--models", str(tiny_models), *options])
+    assert result.exit_code == 0, result.output
+    assert {k: seen[k] for k in ("faceid_variant", "ip_adapter_scale", "lambda_range", "noise_window",
+                                 "kernel_size")} == {"faceid_variant": "plusv2", "ip_adapter_scale": 0.7,
+                                                     "lambda_range": (0.8, 1.25), "noise_window": 50,
+                                                     "kernel_size": 7}
+    bad = CliRunner().invoke(cli.app, ["generate", str(tmp_path / "identity.mp4"), str(tmp_path / "lip.mp4"),
+                                       "-o", str(tmp_path / "o.mp4"), "--lambda-range", "2", "1"])
+    assert bad.exit_code == 2 and "--lambda-range" in bad.output
+    for flow in (process_dataset, generate_pair):
+        assert {"faceid_variant", "ip_adapter_scale", "lambda_range", "noise_window"} <= set(
+            inspect.signature(flow.fn).parameters)
+    # Each reaches the key of the stage it changes, and the stages after it only.
+    paths = dict(store=tmp_path / "store", models=tiny_models)
+    base = stage_keys(make_job(tmp_path / "identity.mp4", tmp_path / "lip.mp4", **paths))
+    first_changed = {}
+    for name, value in (("faceid_variant", "plusv2"), ("ip_adapter_scale", 0.7), ("lambda_range", (0.8, 1.25)),
+                        ("noise_window", 50)):
+        keys = stage_keys(make_job(tmp_path / "identity.mp4", tmp_path / "lip.mp4", **paths, **{name: value}))
+        first_changed[name] = next(stage for stage in base if keys[stage] != base[stage])
+    assert first_changed == {"faceid_variant": "diffusion", "ip_adapter_scale": "diffusion",
+                             "lambda_range": "controller", "noise_window": "noise_filter"}

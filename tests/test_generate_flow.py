@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from storage import STAGES, Store
-from tasks.common import mask_weights
-from tasks.optical_flow import read_flows
+from tasks.common import mask_weights, read_flows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +89,8 @@ def test_store_holds_every_stage_done(first_run):
 
 
 def test_output_equals_identity_outside_the_mouth_mask(first_run):
-    from freetalk_core import face_crop as fc, video
+    from freetalk_core import face_crop as fc
+    from freetalk_core import video
 
     job, out, _ = first_run
     store = Store(job.store)
@@ -193,7 +193,7 @@ def test_noise_filter_stage_uses_a_sliding_window_and_equals_the_whole_clip_filt
 
 def test_structure_frames_rendered_in_chunks_equal_the_whole_clip_render(first_run):
     from freetalk_core import fit_3dmm, structure_render
-    from tasks.fit_3dmm import load_fit
+    from tasks.common import load_fit
     from tasks.frames import Crops, StoredStructureFrames
 
     job, _, _ = first_run
@@ -214,7 +214,8 @@ def test_structure_frames_rendered_in_chunks_equal_the_whole_clip_render(first_r
 
 
 def test_crops_are_made_again_from_the_inputs(first_run):
-    from freetalk_core import face_crop as fc, video
+    from freetalk_core import face_crop as fc
+    from freetalk_core import video
     from tasks.frames import Crops
 
     job, _, _ = first_run

@@ -11,14 +11,12 @@ from freetalk_core.face_crop import (
     warp_to_crop,
 )
 from freetalk_core.fit_3dmm import fit_landmarks, load_face_model
+from freetalk_core.lips import closed_mouth_index, lip_opening, normalised_landmarks
 from freetalk_core.structure_render import (
     ModernGLRenderer,
-    closed_mouth_index,
     lip_colour_lab,
-    lip_distance,
     lower_face_mask,
     mouth_motion,
-    normalised_landmarks,
     render_structure_frames,
 )
 
@@ -70,7 +68,7 @@ def detect_all(detector, images):
 
 def detected_lip_opening(detector, images):
     """(T,) lip opening in inter-ocular distances, measured with dlib on the images."""
-    return lip_distance(normalised_landmarks(detect_all(detector, images)))
+    return lip_opening(detect_all(detector, images))
 
 
 def test_renderer_interpolates_attributes_with_a_depth_test(renderer):
@@ -123,7 +121,7 @@ def test_structure_frames_follow_the_lip_reference(clips, model, renderer, detec
     # Lip transfer: the structure frames' lip opening, measured with dlib, follows the lip
     # reference's in time and in amplitude (relative to the inter-ocular distance).
     rendered_landmarks = detect_all(detector, frames)
-    rendered = lip_distance(normalised_landmarks(rendered_landmarks))
+    rendered = lip_opening(rendered_landmarks)
     reference = detected_lip_opening(detector, lip_crops)
     # Targets: Pearson >= 0.9 on average (none < 0.8), std ratio in [0.75, 1.33].
     assert np.corrcoef(rendered, reference)[0, 1] > 0.9
@@ -143,14 +141,14 @@ def test_a_lip_reference_that_stays_open_does_not_open_the_identitys_mouth(clips
     # throughout is that person's rest, and the identity keeps its own closed mouth.
     crops, landmarks, fit = clips["MimicTalk__May_5s.mp4"]
     _, lip_landmarks, _ = clips["EDTalk__mouth_source.mp4"]
-    widest = int(np.argmax(lip_distance(normalised_landmarks(lip_landmarks))))
+    widest = int(np.argmax(lip_opening(lip_landmarks)))
     n = 8
     held_open = np.repeat(lip_landmarks[widest][None], n, axis=0)
     frames = render_structure_frames(model, crops[:n], landmarks[:n], _head(fit, n), held_open, None,
                                      renderer=renderer)
     rendered = detected_lip_opening(detector, frames)
-    identity_closed = lip_distance(normalised_landmarks(landmarks)).min()
-    reference_open = lip_distance(normalised_landmarks(lip_landmarks[widest][None]))[0]
+    identity_closed = lip_opening(landmarks).min()
+    reference_open = lip_opening(lip_landmarks[widest][None])[0]
     assert reference_open > identity_closed + 0.15
     # Measured: within 0.09 of the identity's closed mouth, with the reference 0.3 wider open.
     assert rendered.max() < identity_closed + 0.4 * (reference_open - identity_closed), rendered
