@@ -50,12 +50,20 @@ NoiseWindow = Annotated[int, typer.Option(min=2, help="Noise Sensor: flow fields
 FaceIdVariant = Annotated[str, typer.Option(help="IP-Adapter-FaceID file: plus (default) or plusv2.")]
 IpScale = Annotated[float, typer.Option(min=0.0, help="IP-Adapter scale.")]
 LambdaRange = Annotated[tuple[float, float], typer.Option(help="Controller: the range lambda_t is clipped to (MIN MAX).")]
+FaceIndex = Annotated[int, typer.Option(min=0, help="Which face of the identity speaks where several are "
+                                        "in frame, by size: 0 the largest, 1 the next.")]
+FaceBox = Annotated[Optional[str], typer.Option(help="Or the identity's face whose box overlaps this one "
+                                                "most: x0,y0,x1,y1 in frame pixels.")]
+Detector = Annotated[str, typer.Option(
+    callback=lambda value: _choice("--detector", value, ("dlib", "insightface")),
+    help="Face detector: dlib (offline default) or insightface (MODELS/insightface/det_10g.onnx of buffalo_l).")]
 
 
 def generation_settings(steps: int, guidance: float, seed: int, batch_size: Optional[int], device: str,
                         kernel_size: int, flow_reference: str, filter_along_motion: bool, noise_window: int,
                         faceid_variant: str, ip_scale: float, lambda_range: tuple[float, float],
-                        fps: Optional[float]) -> dict:
+                        face_index: int = 0, face_box: Optional[str] = None, detector: str = "dlib",
+                        fps: Optional[float] = None) -> dict:
     """The generation options as flow settings; a bad value exits with status 2 and one line."""
     if fps is not None and not fps > 0:
         fail(f"--fps must be a positive frame rate, got {fps}", 2)
@@ -73,7 +81,21 @@ def generation_settings(steps: int, guidance: float, seed: int, batch_size: Opti
                 kernel_size=kernel_size, flow_reference=flow_reference,
                 filter_along_motion=filter_along_motion, noise_window=noise_window,
                 faceid_variant=faceid_variant, ip_adapter_scale=ip_scale, lambda_range=tuple(lambda_range),
+                face_index=face_index, face_box=parse_face_box(face_box), detector=detector,
                 fps=fps)
+
+
+def parse_face_box(text: Optional[str]) -> Optional[tuple[float, float, float, float]]:
+    """`--face-box x0,y0,x1,y1` as four floats (x1 > x0, y1 > y0); else exit 2 with one line."""
+    if text is None:
+        return None
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not (box[2] > box[0] and box[3] > box[1]):
+        fail(f"--face-box must be x0,y0,x1,y1 in frame pixels with x1 > x0 and y1 > y0, got {text!r}", 2)
+    return box
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> str:
@@ -114,6 +136,9 @@ def generate(
     faceid_variant: FaceIdVariant = "plus",
     ip_scale: IpScale = 1.0,
     lambda_range: LambdaRange = (0.5, 2.0),
+    face_index: FaceIndex = 0,
+    face_box: FaceBox = None,
+    detector: Detector = "dlib",
     keep: Keep = "all",
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
     mark: bool = MARK,
@@ -126,7 +151,7 @@ def generate(
 
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
                                    filter_along_motion, noise_window, faceid_variant, ip_scale, lambda_range,
-                                   fps)
+                                   face_index, face_box, detector, fps)
     if preview and keep == "final":
         fail("--preview needs the stage arrays: use it with --keep all", 2)
     store_dir = resolve_store(store)
@@ -170,6 +195,9 @@ def dataset(
     faceid_variant: FaceIdVariant = "plus",
     ip_scale: IpScale = 1.0,
     lambda_range: LambdaRange = (0.5, 2.0),
+    face_index: FaceIndex = 0,
+    face_box: FaceBox = None,
+    detector: Detector = "dlib",
     mark: bool = MARK,
     label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
@@ -179,7 +207,7 @@ def dataset(
     configure_environment(verbose)
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
                                    filter_along_motion, noise_window, faceid_variant, ip_scale, lambda_range,
-                                   fps)
+                                   face_index, face_box, detector, fps)
     if workers and dask_address:
         fail("give --workers or --dask-address, not both", 2)
     from flows.dataset import dataset_task_runner, process_dataset

@@ -278,8 +278,9 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
                     flow_reference: str = "structure", filter_along_motion: bool = True,
                     noise_window: int = 100, faceid_variant: str = "plus", ip_adapter_scale: float = 1.0,
                     lambda_range: tuple[float, float] = (0.5, 2.0),
-                    mark: bool = True, label: str | None = None,
-                    fps: float | None = None) -> dict[str, dict[str, Any]]:
+                    mark: bool = True, label: str | None = None, face_index: int = 0,
+                    face_box: tuple[float, float, float, float] | None = None,
+                    detector: str = "dlib", fps: float | None = None) -> dict[str, dict[str, Any]]:
     """Generate every manifest pair not already done, across the Dask cluster.
 
     Returns `{item_id: {"status": "done"|"failed"|"skipped", "error", "output", "seconds"}}`; a
@@ -293,7 +294,8 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
                     kernel_size=kernel_size, flow_reference=flow_reference,
                     filter_along_motion=filter_along_motion, noise_window=noise_window,
                     faceid_variant=faceid_variant, ip_adapter_scale=ip_adapter_scale,
-                    lambda_range=tuple(lambda_range), mark=mark, label=label, keep=keep, fps=fps)
+                    lambda_range=tuple(lambda_range), mark=mark, label=label, keep=keep,
+                    face_index=face_index, face_box=face_box, detector=detector, fps=fps)
     rows = read_manifest(manifest)
     db = Store(store)
     db.register_items([row for row in rows if not _row_problem(row)])

@@ -100,7 +100,9 @@ def stage_keys(job: ItemJob, fingerprints: dict[str, str] | None = None) -> dict
     params = {
         # The rate the item is made at (the identity's unless chosen): a new rate, new frames.
         "face_crop": {"identity": job.identity_sha256, "lip_ref": job.lip_ref_sha256,
-                      "audio": job.audio_sha256, "fps": job.fps},
+                      "audio": job.audio_sha256, "fps": job.fps,
+                      "face_index": job.face_index, "face_box": job.face_box, "detector": job.detector,
+                      **({"detector_model": fp("insightface")} if job.detector != "dlib" else {})},
         "fit_3dmm": {"eos": fp("eos")},
         "structure_render": {"eos": fp("eos")},
         "clip_embed": {"models": fp("image_encoder", "insightface")},
@@ -203,12 +205,15 @@ def generate_pair(identity: str, lip_ref: str, out: str, store: str, models: str
                   seed: int = 42, batch_size: int | None = None, device: str = "auto",
                   kernel_size: int = 5, flow_reference: str = "structure", filter_along_motion: bool = True,
                   noise_window: int = 100, faceid_variant: str = "plus", ip_adapter_scale: float = 1.0,
-                  lambda_range: tuple[float, float] = (0.5, 2.0), fps: float | None = None) -> str:
+                  lambda_range: tuple[float, float] = (0.5, 2.0), face_index: int = 0,
+                  face_box: tuple[float, float, float, float] | None = None, detector: str = "dlib",
+                  fps: float | None = None) -> str:
     """Deployment entry point: plain parameters in, the output path out."""
     job = make_job(identity, lip_ref, audio=audio, store=store, models=models, steps=steps,
                    guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                    kernel_size=kernel_size, flow_reference=flow_reference,
                    filter_along_motion=filter_along_motion, noise_window=noise_window,
                    faceid_variant=faceid_variant, ip_adapter_scale=ip_adapter_scale,
-                   lambda_range=tuple(lambda_range), fps=fps)
+                   lambda_range=tuple(lambda_range), face_index=face_index,
+                   face_box=None if face_box is None else tuple(face_box), detector=detector, fps=fps)
     return str(generate_to(job, out))

@@ -17,15 +17,7 @@ import numpy as np
 
 from freetalk_core import CROP_SIZE
 from freetalk_core.errors import ModelFileError
-
-EOS_FILES = {
-    "shape": "sfm_shape_3448.bin",
-    "blendshapes": "expression_blendshapes_3448.bin",
-    "mapper": "ibug_to_sfm.txt",
-    "edge_topology": "sfm_3448_edge_topology.json",
-    "contours": "sfm_model_contours.json",
-}
-"""The eos model files `load_face_model` reads from the models' eos folder."""
+from freetalk_core.models.layout import EOS_FILES
 
 LANDMARK_NAMES = [str(i + 1) for i in range(68)]
 """eos names the iBUG-68 landmarks with 1-based strings; 0-based names silently map wrongly."""

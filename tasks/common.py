@@ -66,6 +66,12 @@ class ItemJob(BaseModel):
     fps: float
     """Frame rate of the output and of all work: the identity video's unless chosen
     (`flows.generate.make_job`); both videos are read at it."""
+    face_index: int = 0
+    """Which face of the identity speaks where several are in frame: 0 the largest, 1 the next."""
+    face_box: tuple[float, float, float, float] | None = None
+    """Or the identity's face whose box overlaps this one (x0, y0, x1, y1 frame px) most."""
+    detector: str = "dlib"
+    """Face detector: dlib (HOG, offline default) or insightface (SCRFD from MODELS/insightface)."""
     steps: int = 20
     guidance: float = 7.5
     seed: int = 42

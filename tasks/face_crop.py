@@ -30,10 +30,14 @@ def mouth_box(masks, margin: int = flow.DEFAULT_BOX_MARGIN) -> tuple[int, int, i
     return box if box is not None else (0, 0, int(masks.shape[2]), int(masks.shape[1]))
 
 
-def _track(path: str, job: ItemJob, detector) -> tuple[np.ndarray, ...]:
-    """Landmarks of every frame of `path`, streamed: one decoded frame in memory at a time."""
-    landmarks, found = fc.track_landmarks(video.read_frames(path, fps=job.fps), detector)
-    smoothed, passthrough = fc.fill_and_smooth(landmarks, found, source=path)
+def _track(path: str, job: ItemJob, detector, face_index: int = 0, face_box=None) -> tuple[np.ndarray, ...]:
+    """Landmarks of every frame of `path`, streamed: one decoded frame in memory at a time;
+    then the frames of short gaps decoded again, to tell a missed face from a cut-away."""
+    landmarks, found = fc.track_landmarks(video.read_frames(path, fps=job.fps), detector,
+                                          face_index=face_index, face_box=face_box)
+    wanted = fc.gap_frame_indices(found) if found.any() else np.zeros(0, np.int64)
+    bridged = fc.bridge_gaps(landmarks, found, video.read_frames(path, fps=job.fps, indices=wanted))
+    smoothed, passthrough = fc.fill_and_smooth(landmarks, found, bridged, source=path)
     return smoothed, found, passthrough
 
 
@@ -46,8 +50,13 @@ def output_length(job: ItemJob, n_lip_frames: int) -> int:
 
 def _setup(job: ItemJob, run: StageRun) -> None:
     store, item = run.store, job.item_id
-    detector = load_cached("landmark detector", fc.LandmarkDetector)
-    id_lm, id_found, id_pass = _track(job.identity, job, detector)
+    if job.detector == "dlib":
+        detector = load_cached("landmark detector", fc.LandmarkDetector)
+    else:
+        detector = load_cached(f"{job.detector} landmark detector",
+                               lambda: fc.make_detector(job.detector, job.models_dir),
+                               models=job.models, components=("insightface",))
+    id_lm, id_found, id_pass = _track(job.identity, job, detector, job.face_index, job.face_box)
     lip_lm, lip_found, _ = _track(job.lip_ref, job, detector)
     n_frames = output_length(job, len(lip_lm))
     id_index = video.pingpong_indices(len(id_lm), n_frames)
@@ -71,6 +80,7 @@ def _setup(job: ItemJob, run: StageRun) -> None:
                     identity_source_frames=int(len(id_lm)),
                     lip_ref_source_frames=int(len(lip_lm)),
                     identity_frames_without_face=int((~id_found).sum()),
+                    identity_passthrough_frames=int(id_pass.sum()),
                     lip_ref_frames_without_face=int((~lip_found).sum()))
 
 
@@ -87,8 +97,10 @@ def face_crop(job: ItemJob, key: str) -> StageRef:
     run.set_frames(n_frames)
     for role in ("identity", "lip_ref"):
         if attrs[f"{role}_frames_without_face"]:
+            passed = (f" ({attrs['identity_passthrough_frames']} passed through unchanged)"
+                      if role == "identity" and "identity_passthrough_frames" in attrs else "")
             run.warn(f"{attrs[f'{role}_frames_without_face']} of {attrs[f'{role}_source_frames']} "
-                     f"{role} frames without a face")
+                     f"{role} frames without a face{passed}")
     if run.complete:
         run.close()
         return StageRef(item_id=item, stage=STAGE, key=key, frames=n_frames)

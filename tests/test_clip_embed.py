@@ -19,7 +19,7 @@ def models_dir(tmp_path_factory):
     if not eos.is_dir():
         eos = tmp / "eos-placeholder"
         eos.mkdir()
-        for name in models.EOS_FILES:
+        for name in models.EOS_FILES.values():
             (eos / name).write_text("placeholder: the embedding tests never read eos files\n")
     return models.write_tiny_models(tmp / "m", eos_source=eos)
 

@@ -19,7 +19,7 @@ def _eos_source(tmp_path):
         return EOS_DIR
     folder = tmp_path / "eos-placeholder"
     folder.mkdir()
-    for name in models.EOS_FILES:
+    for name in models.EOS_FILES.values():
         (folder / name).write_text("placeholder: the diffusion tests never read eos files\n")
     return folder
 

@@ -17,7 +17,7 @@ def _eos_source(tmp_path):
         return EOS_DIR
     folder = tmp_path / "eos-placeholder"
     folder.mkdir(exist_ok=True)
-    for name in models.EOS_FILES:
+    for name in models.EOS_FILES.values():
         (folder / name).write_text("placeholder: check_models only checks that eos files exist\n")
     return folder
 
