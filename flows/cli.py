@@ -36,6 +36,8 @@ Seed = Annotated[int, typer.Option(help="Seed of the initial noise shared by all
 BatchSize = Annotated[Optional[int], typer.Option(
     min=1, help="Frames per diffusion batch [4 on CPU; from free memory on GPU].")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Fps = Annotated[Optional[float], typer.Option(
+    help="Frame rate of the output (both videos are read at it) [the identity video's].")]
 KernelSize = Annotated[int, typer.Option(min=1, help="Noise Sensor: temporal Gaussian taps (odd).")]
 FlowReference = Annotated[str, typer.Option(help="Noise Sensor: the motion the output should have: "
                                             "structure (frames) or identity (video).")]
@@ -60,8 +62,11 @@ Detector = Annotated[str, typer.Option(
 def generation_settings(steps: int, guidance: float, seed: int, batch_size: Optional[int], device: str,
                         kernel_size: int, flow_reference: str, filter_along_motion: bool, noise_window: int,
                         faceid_variant: str, ip_scale: float, lambda_range: tuple[float, float],
-                        face_index: int = 0, face_box: Optional[str] = None, detector: str = "dlib") -> dict:
+                        face_index: int = 0, face_box: Optional[str] = None, detector: str = "dlib",
+                        fps: Optional[float] = None) -> dict:
     """The generation options as flow settings; a bad value exits with status 2 and one line."""
+    if fps is not None and not fps > 0:
+        fail(f"--fps must be a positive frame rate, got {fps}", 2)
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, got {device!r}", 2)
     if kernel_size % 2 == 0:
@@ -76,7 +81,8 @@ def generation_settings(steps: int, guidance: float, seed: int, batch_size: Opti
                 kernel_size=kernel_size, flow_reference=flow_reference,
                 filter_along_motion=filter_along_motion, noise_window=noise_window,
                 faceid_variant=faceid_variant, ip_adapter_scale=ip_scale, lambda_range=tuple(lambda_range),
-                face_index=face_index, face_box=parse_face_box(face_box), detector=detector)
+                face_index=face_index, face_box=parse_face_box(face_box), detector=detector,
+                fps=fps)
 
 
 def parse_face_box(text: Optional[str]) -> Optional[tuple[float, float, float, float]]:
@@ -139,6 +145,7 @@ def generate(
     kernel_size: KernelSize = 5,
     flow_reference: FlowReference = "structure",
     filter_along_motion: FilterAlongMotion = True,
+    fps: Fps = None,
     noise_window: NoiseWindow = 100,
     faceid_variant: FaceIdVariant = "plus",
     ip_scale: IpScale = 1.0,
@@ -157,7 +164,7 @@ def generate(
     configure_environment(verbose)
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
                                    filter_along_motion, noise_window, faceid_variant, ip_scale, lambda_range,
-                                   face_index, face_box, detector)
+                                   face_index, face_box, detector, fps)
     if preview and keep == "final":
         fail("--preview needs the stage arrays: use it with --keep all", 2)
     store_dir = resolve_store(store)
@@ -201,6 +208,7 @@ def dataset(
     kernel_size: KernelSize = 5,
     flow_reference: FlowReference = "structure",
     filter_along_motion: FilterAlongMotion = True,
+    fps: Fps = None,
     noise_window: NoiseWindow = 100,
     faceid_variant: FaceIdVariant = "plus",
     ip_scale: IpScale = 1.0,
@@ -217,7 +225,7 @@ def dataset(
     configure_environment(verbose)
     settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
                                    filter_along_motion, noise_window, faceid_variant, ip_scale, lambda_range,
-                                   face_index, face_box, detector)
+                                   face_index, face_box, detector, fps)
     if workers and dask_address:
         fail("give --workers or --dask-address, not both", 2)
     from flows.dataset import dataset_task_runner, process_dataset

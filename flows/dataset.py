@@ -284,13 +284,13 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
                     lambda_range: tuple[float, float] = (0.5, 2.0),
                     mark: bool = True, label: str | None = None, face_index: int = 0,
                     face_box: tuple[float, float, float, float] | None = None,
-                    detector: str = "dlib") -> dict[str, dict[str, Any]]:
+                    detector: str = "dlib", fps: float | None = None) -> dict[str, dict[str, Any]]:
     """Generate every manifest pair not already done, across the Dask cluster.
 
     Returns `{item_id: {"status": "done"|"failed"|"skipped", "error", "output", "seconds"}}`; a
     failed item has a one-line reason and never stops the others. Items that failed before are
     skipped (reported failed) unless `retry_failed`; items another live run is processing are
-    left to it ("skipped")."""
+    left to it ("skipped"). `fps`: every output's frame rate; None keeps each identity video's."""
     if keep not in ("all", "final"):
         raise FreetalkError(f"keep must be all or final, got {keep!r}")
     logger = get_run_logger()
@@ -299,7 +299,7 @@ def process_dataset(manifest: str, store: str, models: str, retry_failed: bool =
                     filter_along_motion=filter_along_motion, noise_window=noise_window,
                     faceid_variant=faceid_variant, ip_adapter_scale=ip_adapter_scale,
                     lambda_range=tuple(lambda_range), mark=mark, label=label, keep=keep,
-                    face_index=face_index, face_box=face_box, detector=detector)
+                    face_index=face_index, face_box=face_box, detector=detector, fps=fps)
     rows = read_manifest(manifest)
     db = Store(store)
     db.register_items([row for row in rows if not _row_problem(row)])

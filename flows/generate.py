@@ -10,6 +10,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.inputs import check_input
+from freetalk_core import video
 from freetalk_core.errors import FreetalkError, VideoReadError
 from storage import Store, sha256_file
 from tasks.chunks import FINISH
@@ -40,10 +41,13 @@ UPSTREAM = {
 
 def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, models: str | Path,
              audio: str | Path | None = None, item_id: str | None = None,
-             known_hashes: dict[str, str] | None = None, check: bool = True, **settings) -> ItemJob:
+             known_hashes: dict[str, str] | None = None, check: bool = True, fps: float | None = None,
+             **settings) -> ItemJob:
     """Describe one pair: checks the inputs (`flows.inputs.check_input`, unless `check` is
     False because that was done before), resolves paths, hashes the inputs (or takes
-    `known_hashes`, `{role}_sha256` as a store recorded them), names the item."""
+    `known_hashes`, `{role}_sha256` as a store recorded them), names the item.
+
+    `fps`: the output's frame rate; None keeps the identity video's (`output_fps`)."""
     paths = {"identity": identity, "lip_ref": lip_ref, "audio": audio}
     hashes = {}
     for role, path in paths.items():
@@ -62,8 +66,20 @@ def make_job(identity: str | Path, lip_ref: str | Path, *, store: str | Path, mo
     if settings.get("keep", "all") not in KEEP_CHOICES:
         raise ValueError(f"keep must be one of {', '.join(KEEP_CHOICES)}, got {settings['keep']!r}")
     return ItemJob(store=str(Path(store).expanduser().resolve()), item_id=item_id,
-                   models=str(Path(models).expanduser().resolve()),
+                   models=str(Path(models).expanduser().resolve()), fps=output_fps(paths["identity"], fps),
                    **{k: v for k, v in paths.items() if v is not None}, **hashes, **settings)
+
+
+def output_fps(identity: str | Path, fps: float | None = None) -> float:
+    """The frame rate an item is made at: `fps` when given, else the identity video's own, so
+    the output keeps the identity's timing (29.97 stays 30000/1001: `video.write_video`
+    recovers the exact fraction). Both videos are read at it: the lip reference is resampled
+    by timestamp, its motion and audio keep their times."""
+    if fps is None:
+        return video.probe(identity).fps
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    return float(fps)
 
 
 def default_item_id(identity: str, lip_ref: str, hashes: dict) -> str:
@@ -86,6 +102,7 @@ def stage_keys(job: ItemJob, fingerprints: dict[str, str] | None = None) -> dict
     known = fingerprints or {}
     fp = lambda *parts: [known.get(p) or models_fingerprint(models, p) for p in parts]  # noqa: E731
     params = {
+        # The rate the item is made at (the identity's unless chosen): a new rate, new frames.
         "face_crop": {"identity": job.identity_sha256, "lip_ref": job.lip_ref_sha256,
                       "audio": job.audio_sha256, "fps": job.fps,
                       "face_index": job.face_index, "face_box": job.face_box, "detector": job.detector,
@@ -193,7 +210,8 @@ def generate_pair(identity: str, lip_ref: str, out: str, store: str, models: str
                   kernel_size: int = 5, flow_reference: str = "structure", filter_along_motion: bool = True,
                   noise_window: int = 100, faceid_variant: str = "plus", ip_adapter_scale: float = 1.0,
                   lambda_range: tuple[float, float] = (0.5, 2.0), face_index: int = 0,
-                  face_box: tuple[float, float, float, float] | None = None, detector: str = "dlib") -> str:
+                  face_box: tuple[float, float, float, float] | None = None, detector: str = "dlib",
+                  fps: float | None = None) -> str:
     """Deployment entry point: plain parameters in, the output path out."""
     job = make_job(identity, lip_ref, audio=audio, store=store, models=models, steps=steps,
                    guidance=guidance, seed=seed, batch_size=batch_size, device=device,
@@ -201,5 +219,5 @@ def generate_pair(identity: str, lip_ref: str, out: str, store: str, models: str
                    filter_along_motion=filter_along_motion, noise_window=noise_window,
                    faceid_variant=faceid_variant, ip_adapter_scale=ip_adapter_scale,
                    lambda_range=tuple(lambda_range), face_index=face_index,
-                   face_box=None if face_box is None else tuple(face_box), detector=detector)
+                   face_box=None if face_box is None else tuple(face_box), detector=detector, fps=fps)
     return str(generate_to(job, out))

@@ -232,11 +232,15 @@ def pair_job(identity: Path, lip_ref: Path, *, audio: Optional[Path], store: Pat
             check_input(role, Path(path))
     from flows.generate import make_job
     from freetalk_core.models import describe_models
+    from tasks.noise_filter import SILENT_OUTPUT, output_audio
 
     missing = [f"missing {e.path} ({e.what})" for e in describe_models(models) if not e.present]
     if missing:
         raise_model_problems(models, missing)
-    return make_job(identity, lip_ref, audio=audio, store=store, models=models, check=False, **settings)
+    job = make_job(identity, lip_ref, audio=audio, store=store, models=models, check=False, **settings)
+    if output_audio(job) is None:
+        print(f"warning: {SILENT_OUTPUT}", file=sys.stderr, flush=True)
+    return job
 
 
 def run_job(job, out: Path, *, show_progress: bool = True) -> Path:

@@ -7,4 +7,5 @@ CROP_SIZE = 512
 """Side of the canonical face crop every stage works on, in pixels."""
 
 DEFAULT_FPS = 25.0
-"""Working frame rate: inputs at other rates are resampled to it."""
+"""Frame rate of decoding when none is asked for, and of a stream that states none. An item is
+made at its identity video's own rate (or the one asked for), not at this one."""

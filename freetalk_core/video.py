@@ -380,10 +380,38 @@ def _encode_video(path: Path, frames: Iterable[np.ndarray], rate: Fraction, crf:
     return n
 
 
+def _first_time(path, kind: str) -> float | None:
+    """Presentation time (s) of the first decoded `kind` ("video" or "audio") frame of `path`;
+    None when it has no such stream or no timestamps."""
+    container = _open(path)
+    try:
+        streams = container.streams.video if kind == "video" else container.streams.audio
+        if not streams:
+            return None
+        for frame in container.decode(streams[0]):
+            return None if frame.pts is None else float(frame.pts * frame.time_base)
+        return None
+    except av.error.FFmpegError:
+        return None
+    finally:
+        container.close()
+
+
+def audio_lead(path) -> float:
+    """Seconds from the first video frame of `path` to its first audio sample (negative when
+    the audio starts first; 0 for a file without video). `read_frames` counts time from the
+    first video frame, so the audio is shifted by this much to stay in sync with it."""
+    video_start, audio_start = _first_time(path, "video"), _first_time(path, "audio")
+    return 0.0 if video_start is None or audio_start is None else audio_start - video_start
+
+
 def _audio_blocks(path, n_samples: int, layout: str) -> Iterator[np.ndarray]:
-    """Exactly `n_samples` of `path`'s audio at AUDIO_RATE, `(C, n) float32` blocks, silence-padded."""
+    """Exactly `n_samples` of `path`'s audio at AUDIO_RATE, `(C, n) float32` blocks, starting at
+    the time of its first video frame (`audio_lead`: silence before audio that starts later,
+    audio before the first frame left out), silence-padded at the end."""
     resampler = av.AudioResampler(format="fltp", layout=layout, rate=AUDIO_RATE)
     channels = 1 if layout == "mono" else 2
+    lead = int(round(audio_lead(path) * AUDIO_RATE))
 
     def resampled():
         for frame in _audio_frames(path):
@@ -391,17 +419,29 @@ def _audio_blocks(path, n_samples: int, layout: str) -> Iterator[np.ndarray]:
             yield from resampler.resample(frame)
         yield from resampler.resample(None)
 
+    def silence(count):
+        for start in range(0, count, 1024):
+            yield np.zeros((channels, min(1024, count - start)), np.float32)
+
+    def shifted():
+        yield from silence(max(0, lead))
+        drop = max(0, -lead)
+        for frame in resampled():
+            block = frame.to_ndarray()
+            if drop:
+                cut = min(drop, block.shape[1])
+                block, drop = block[:, cut:], drop - cut
+            if block.shape[1]:
+                yield block
+
     written = 0
-    for frame in resampled():
-        take = min(frame.samples, n_samples - written)
+    for block in shifted():
+        take = min(block.shape[1], n_samples - written)
         if take <= 0:
             break
-        yield frame.to_ndarray()[:, :take]
+        yield block[:, :take]
         written += take
-    while written < n_samples:
-        take = min(1024, n_samples - written)
-        yield np.zeros((channels, take), np.float32)
-        written += take
+    yield from silence(n_samples - written)
 
 
 def _audio_packets(path, stream, n_samples: int, layout: str) -> Iterator[av.Packet]:
@@ -460,10 +500,11 @@ def write_video(path, frames: Iterable[np.ndarray], fps: float, audio=None, crf:
     """Encode `frames` (`(H, W, 3) uint8` RGB, one size) as an H.264 MP4 at a constant `fps`.
 
     Odd sizes are padded to even by edge replication. `audio` is a file with an audio stream
-    (video or audio) or None; it is re-encoded to AAC and cut or silence-padded to the video's
-    duration `n_frames / fps`. `metadata`: container tags (FFmpeg's MP4 muxer keeps the
-    standard ones: title, comment, description, encoder, ...). Written to a temporary file in
-    the same folder, then renamed.
+    (video or audio) or None; it is re-encoded to AAC, starting at the time of that file's first
+    video frame (`audio_lead`), and cut or silence-padded to the video's duration
+    `n_frames / fps`. `metadata`: container tags (FFmpeg's MP4 muxer keeps the standard ones:
+    title, comment, description, encoder, ...). Written to a temporary file in the same folder,
+    then renamed.
     """
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")

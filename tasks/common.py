@@ -16,7 +16,6 @@ import numpy as np
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
-from freetalk_core import DEFAULT_FPS
 from freetalk_core.errors import FreetalkError, one_line  # noqa: F401 - one_line re-exported for the stages
 from storage import Store, sha256_file
 
@@ -64,7 +63,9 @@ class ItemJob(BaseModel):
     lip_ref_sha256: str
     audio_sha256: str | None = None
     models: str
-    fps: float = DEFAULT_FPS
+    fps: float
+    """Frame rate of the output and of all work: the identity video's unless chosen
+    (`flows.generate.make_job`); both videos are read at it."""
     face_index: int = 0
     """Which face of the identity speaks where several are in frame: 0 the largest, 1 the next."""
     face_box: tuple[float, float, float, float] | None = None

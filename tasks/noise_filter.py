@@ -27,6 +27,18 @@ from tasks.frames import MASK_TILE, SourceFrames
 
 STAGE = "noise_filter"
 
+SILENT_OUTPUT = ("neither the lip reference nor --audio has an audio track: the output is silent "
+                 "(give --audio FILE, or an audio column in a manifest, for sound)")
+"""The warning for an item without any audio, on the command line and in the run log."""
+
+
+def output_audio(job: ItemJob) -> str | None:
+    """The file whose audio the output carries: the given audio, else the lip reference's
+    when it has an audio stream, else None (a silent output, `SILENT_OUTPUT`)."""
+    if job.audio:
+        return job.audio
+    return job.lip_ref if video.has_audio(job.lip_ref) else None
+
 
 def _flow_reader(store: Store, item: str):
     g = store.array(item, "optical_flow", "generated_flow")
@@ -125,7 +137,9 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
         report = store.report_dir(item)
         report.mkdir(parents=True, exist_ok=True)
         _save_png(report / "noise_pattern.png", ns.noise_pattern_heatmap(pattern))
-        audio = job.audio or (job.lip_ref if video.has_audio(job.lip_ref) else None)
+        audio = output_audio(job)
+        if audio is None:
+            get_run_logger().warning("%s: %s", item, SILENT_OUTPUT)
         # Provenance: label and watermark in the frames, metadata tags, signed C2PA manifest.
         if not job.mark:
             get_run_logger().warning("%s: --no-mark: the output carries no watermark", item)
