@@ -106,7 +106,7 @@ def test_every_method_parameter_reaches_the_job_and_the_keys(monkeypatch, tmp_pa
         assert {"faceid_variant", "ip_adapter_scale", "lambda_range", "noise_window"} <= set(
             inspect.signature(flow.fn).parameters)
     # Each reaches the key of the stage it changes, and the stages after it only.
-    paths = dict(store=tmp_path / "store", models=tiny_models, check=False)  # stand-in files
+    paths = dict(store=tmp_path / "store", models=tiny_models, check=False, fps=25.0)  # stand-in files
     base = stage_keys(make_job(tmp_path / "identity.mp4", tmp_path / "lip.mp4", **paths))
     first_changed = {}
     for name, value in (("faceid_variant", "plusv2"), ("ip_adapter_scale", 0.7), ("lambda_range", (0.8, 1.25)),
