@@ -11,9 +11,9 @@ The parts, one module each:
 - `texture`: the identity's texture map, sampled from its own most-closed-mouth frames;
 - `renderers`: the rasterizer (`ModernGLRenderer` on CPU, `NvdiffrastRenderer` on CUDA).
 
-What shows between parted lips is a dark cavity in the identity's colours, with no teeth or
-tongue of the other person (the downstream CLIP structure embedding should see the lip
-opening, not the lip reference's appearance).
+- `mouth_interior`: what shows between parted lips, painted in image space (a teeth hint, a
+  shaded throat, the inner lip edge), nothing of the other person's mouth: the downstream CLIP
+  structure embedding should see the lip opening, not the lip reference's appearance.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import numpy as np
 from freetalk_core import CROP_SIZE
 from freetalk_core.fit_3dmm import FaceModel, FitResult, identity_shape, project_vertices
 from freetalk_core.lips import closed_mouth_index, lip_opening
-from freetalk_core.structure_render.mouth_rig import LOWER_JAW_AND_LIP, MouthRig, mouth_motion
+from freetalk_core.structure_render.mouth_interior import paint_mouth_interior, teeth_colour
+from freetalk_core.structure_render.mouth_rig import CHIN, LOWER_JAW_AND_LIP, MouthRig, mouth_motion
 from freetalk_core.structure_render.renderers import (
     ModernGLRenderer,
     NvdiffrastRenderer,
@@ -39,13 +40,11 @@ from freetalk_core.structure_render.texture import (
 )
 
 __all__ = [
-    "MOUTH_INTERIOR_RGB", "TEXTURE_SIZE", "ModernGLRenderer", "MouthRig", "NvdiffrastRenderer", "Renderer",
+    "TEXTURE_SIZE", "ModernGLRenderer", "MouthRig", "NvdiffrastRenderer", "Renderer",
     "StructureFrames", "extract_texture", "lip_colour_lab", "lower_face_mask", "make_renderer", "mouth_motion",
     "render_structure_frames", "sample_texture",
 ]
 
-MOUTH_INTERIOR_RGB = (52, 22, 24)
-"""Colour of the mouth cavity: a dark, slightly red throat."""
 
 
 def lower_face_mask(landmarks: np.ndarray, size: int = CROP_SIZE, feather_px: float = 10.0) -> np.ndarray:
@@ -110,11 +109,13 @@ class StructureFrames:
         texture_crops = dict(zip(picked.tolist(), np.asarray(identity_crops[picked])))
         self.texture = extract_texture(self.renderer, model, rig, texture_crops, self.landmarks, identity_fit,
                                        [int(t) for t in closed])
+        # Teeth in the identity's light: scaled by its lower face's brightness.
+        skin = lower_face_mask(self.landmarks[closed[0]], size) > 0.99
+        self.teeth_rgb = teeth_colour(texture_crops[int(closed[0])][skin].mean(axis=0))
         self.identity_mouth = rig.registration_motion(self.landmarks[anchor], identity_fit.modelview[anchor],
                                                       identity_fit.projection[anchor], identity_fit.size)
 
-        n_extra = len(rig.interior) - len(model.uv)
-        texture_uv = np.concatenate([model.uv, np.zeros((n_extra, 2), np.float32)]) * TEXTURE_SIZE
+        texture_uv = model.uv[np.concatenate([np.arange(len(model.uv)), rig.cavity_source])] * TEXTURE_SIZE
         self.attributes = np.concatenate([texture_uv, rig.interior[:, None].astype(np.float32)], axis=1)
 
         self.motion = mouth_motion(lip_landmarks)
@@ -155,13 +156,27 @@ class StructureFrames:
         lookup, covered = self.renderer.rasterize(projected, rig.triangles, self.attributes, size)
         colour = cv2.remap(frame_texture, lookup[..., 0] - 0.5, lookup[..., 1] - 0.5, cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
-        inside = np.clip(lookup[..., 2:3], 0.0, 1.0)
-        colour = colour * (1 - inside) + np.array(MOUTH_INTERIOR_RGB, np.float32) * inside
+        eyes = self.landmarks[t, 36:42].mean(0), self.landmarks[t, 42:48].mean(0)
+        colour = paint_mouth_interior(colour, lookup[..., 2], float(np.linalg.norm(eyes[1] - eyes[0])),
+                                      self.teeth_rgb)
         # The render's own edge, eroded and feathered, limits the blend (nothing behind the mesh).
         coverage = cv2.GaussianBlur(cv2.erode(covered.astype(np.float32), np.ones((5, 5))), (0, 0), 2.0)
-        alpha = (lower_face_mask(self.landmarks[t], size) * coverage)[..., None]
+        alpha = (lower_face_mask(self._blend_outline(t, projected), size) * coverage)[..., None]
         blended = identity_crop.astype(np.float32) * (1 - alpha) + colour * alpha
         return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+    def _blend_outline(self, t: int, projected: np.ndarray) -> np.ndarray:
+        """(68, 2) landmarks whose lower face the render is blended into: frame t's own, with
+        each chin point moved down to the rendered chin where that is lower, so a jaw that
+        drops further than the identity's own shows (the identity's jaw line stays otherwise)."""
+        outline = self.landmarks[t].copy()
+        vertex = self.rig.control_vertex[CHIN]
+        mapped = vertex >= 0
+        rendered = projected[vertex[mapped], :2]
+        own = outline[CHIN[mapped]]
+        outline[CHIN[mapped]] = np.where((rendered[:, 1] > own[:, 1])[:, None], rendered, own)
+        return outline
 
 
 def render_structure_frames(

@@ -28,6 +28,14 @@ fit (1e-6) is ill-conditioned with Gaussians this wide: a vertex's weights then 
 value, to up to ~150, and the cheeks beside the mouth swing further than the lips; 1e-2 bounds
 that to ~7 and moves the controls within a few percent of their targets (the lip opening is
 matched exactly afterwards). Lip-transfer Pearson over the bench pairs: 0.937 -> 0.947."""
+CORNER_SPREAD = 3.0
+"""Beside the mouth corners, the upper and lower fields blend over a band this many times as
+tall as the distance from the corner: a narrower band shears the cheek into a crease running
+from the corner when the mouth opens wide."""
+INNER_EDGE_ROUNDING = 1.0
+"""How far each inner lip edge is moved onto its lens shape (`MouthRig._round_inner_edge`)."""
+LENS_POWER = 0.75
+"""Exponent of the lens profile: 1 a parabola, 0.5 an ellipse's rounder corners."""
 PINNED = np.concatenate([np.arange(17, 36), np.arange(36, 48), [0, 1, 2, 14, 15, 16]])
 """Landmarks whose vertices the mouth motion must not move: brows, nose, eyes, upper jaw."""
 
@@ -131,7 +139,7 @@ class MouthRig:
         order = np.argsort(loop_xy[:, 0])
         below_line = np.interp(xy[:, 0], loop_xy[order, 0], loop_xy[order, 1]) - xy[:, 1]
         beside = np.maximum(loop_xy[:, 0].min() - xy[:, 0], xy[:, 0] - loop_xy[:, 0].max())
-        width = np.maximum(beside, 0.0) + 1e-3
+        width = CORNER_SPREAD * np.maximum(beside, 0.0) + 1e-3
         below = np.clip(0.5 + below_line / (2.0 * width), 0.0, 1.0)
         # The loop's two arcs between its corners (leftmost and rightmost vertex) are the
         # inner edges of the two lips: the one through the upper inner lip's centre is upper.
@@ -146,6 +154,8 @@ class MouthRig:
         below[upper_arc] = 0.0
         below[lower_arc] = 1.0
         below[[loop[left], loop[right]]] = 0.5
+        self.arcs = (np.array(upper_arc, np.int64), np.array(lower_arc, np.int64))
+        self.corners = np.array([loop[left], loop[right]], np.int64)
         return below.astype(np.float32)
 
     def _build_fields(self, vertex_of: dict[int, int], lv: np.ndarray, outer_boundary: np.ndarray,
@@ -177,26 +187,29 @@ class MouthRig:
         return (fade * fade * (3 - 2 * fade)).astype(np.float32)
 
     def _build_cavity(self, model_triangles: np.ndarray) -> None:
-        """The cavity: a ring just inside the mouth loop and behind it, closed by a point deep
-        in the mouth; its triangles follow the model's, `interior` marks its vertices."""
+        """The cavity: a copy of the mouth loop (the inner lip edge), a ring just inside it and
+        behind it, and a point deep in the mouth that closes it. Its vertices are its own (the
+        face mesh's loop vertices are not shared), so what is cavity and what is lip has a hard
+        edge; `interior` marks them, `cavity_source` gives the face vertex each one copies its
+        texture coordinate from (its loop vertex)."""
         n = self.n_model
         loop_points = self.base[self.mouth_loop]
         centre = loop_points.mean(0)
         depth = 0.35 * self.inter_ocular
         ring = centre + 0.9 * (loop_points - centre) - np.array([0, 0, 0.15 * depth], np.float32)
         k = len(self.mouth_loop)
-        ring_index, back_index = n + np.arange(k), n + k
+        edge_index, ring_index, back_index = n + np.arange(k), n + k + np.arange(k), n + 2 * k
         cavity = []
         for j in range(k):
-            a, b = self.mouth_loop[j], self.mouth_loop[(j + 1) % k]
+            a, b = edge_index[j], edge_index[(j + 1) % k]
             ra, rb = ring_index[j], ring_index[(j + 1) % k]
             cavity += [(a, b, rb), (a, rb, ra), (ra, rb, back_index)]
         self.ring_offset = (ring - loop_points).astype(np.float32)
         self.back_offset = np.array([0, 0, -depth], np.float32)
         self.triangles = np.concatenate([model_triangles, np.array(cavity, np.int32)]).astype(np.int32)
-        self.interior = np.zeros(n + k + 1, bool)
+        self.interior = np.zeros(n + 2 * k + 1, bool)
         self.interior[n:] = True
-
+        self.cavity_source = np.concatenate([self.mouth_loop, self.mouth_loop, self.mouth_loop[:1]]).astype(np.int64)
 
     @staticmethod
     def _field(base: np.ndarray, controls: list[int], pinned: list[int], scale: float) -> np.ndarray:
@@ -213,7 +226,7 @@ class MouthRig:
         return (kernel(base[:, :2], centres) @ inverse).astype(np.float32)
 
     def vertices(self, motion: np.ndarray) -> np.ndarray:
-        """(N + K, 3) float32 model-space vertices moved by `motion` (68, 2), cavity included."""
+        """(N + 2K + 1, 3) float32 model-space vertices moved by `motion` (68, 2), cavity included."""
         d = np.zeros((68, 2), np.float32)
         d[:, 0] = motion[:, 0] * self.inter_ocular
         d[:, 1] = -motion[:, 1] * self.inter_ocular  # model y is up
@@ -221,10 +234,30 @@ class MouthRig:
         low = self.weights_low @ d[self.landmarks_low]
         moved = self.base.copy()
         moved[:, :2] += (low * self.below[:, None] + up * (1 - self.below[:, None])) * self.fade[:, None]
+        self._round_inner_edge(moved)
         loop = moved[self.mouth_loop]
         ring = loop + self.ring_offset
         back = loop.mean(0) + self.back_offset
-        return np.concatenate([moved, ring, back[None]]).astype(np.float32)
+        return np.concatenate([moved, loop, ring, back[None]]).astype(np.float32)
+
+    def _round_inner_edge(self, moved: np.ndarray) -> None:
+        """Reshape each inner lip edge (an arc of the mouth loop, in place in `moved`) to the
+        lens a real parted mouth shows: from the chord between the mouth corners, a bulge
+        `c * (1 - u^2) ** LENS_POWER` (u: -1 at one corner, 1 at the other) of the same
+        least-squares size as the moved edge's. Interpolating a few lip controls alone leaves
+        V and chevron shapes that a learned face model reads as a less open mouth."""
+        if INNER_EDGE_ROUNDING <= 0:
+            return
+        (xa, ya), (xb, yb) = moved[self.corners[0], :2], moved[self.corners[1], :2]
+        if abs(xb - xa) < 1e-6:
+            return
+        for arc in self.arcs:
+            x, y = moved[arc, 0], moved[arc, 1]
+            t = np.clip((x - xa) / (xb - xa), 0.0, 1.0)
+            chord = ya + t * (yb - ya)
+            shape = (1.0 - (2.0 * t - 1.0) ** 2) ** LENS_POWER
+            size = float(shape @ (y - chord)) / max(float(shape @ shape), 1e-9)
+            moved[arc, 1] = y + INNER_EDGE_ROUNDING * (chord + size * shape - y)
 
     def projected_opening(self, vertices: np.ndarray, landmark_vertex: np.ndarray, modelview: np.ndarray,
                           projection: np.ndarray, size: int) -> float:

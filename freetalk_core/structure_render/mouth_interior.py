@@ -1,0 +1,95 @@
+"""What a structure frame shows between parted lips: a mouth interior painted in image space.
+
+The mouth rig's cavity marks where the mouth is open (`inside`, with a hard edge at the inner
+lip edge). Inside it: a band of upper teeth just below the upper lip (as tall as a real mouth
+shows them, never more than part of the opening, fading out towards the mouth corners), and a
+dark throat below, shaded darker towards its middle; the inner lip edge itself gets a thin
+shadow. Nothing of the lip reference's own mouth interior is used: only its opening reaches
+the structure frame, and a learned observer (a face-mesh model, CLIP) reads a mouth with an
+inner lip edge and teeth as open where a flat dark hole reads much less so.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+THROAT_RGB = (18, 7, 8)
+"""Colour of the mouth's depth: a dark, slightly red throat."""
+TEETH_RGB = (222, 212, 196)
+"""Colour of the teeth in neutral light (scaled by the identity's skin brightness)."""
+SKIN_LUMINANCE = 150.0
+"""Skin luminance (0-255) under which the teeth keep `TEETH_RGB`."""
+TEETH_HEIGHT = 0.11
+"""Height of the visible upper teeth, in inter-ocular distances, at a wide-open mouth."""
+TEETH_SHARE = 0.45
+"""At most this share of the opening (per image column) shows teeth."""
+TEETH_OPENING = 0.12
+"""Opening (per column, inter-ocular distances) from which the teeth show half their height
+(none below half of it, all from 1.5 times it)."""
+LOWER_TEETH = 0.0
+"""Height of the visible lower teeth, as a share of the upper teeth's."""
+LOWER_TEETH_SHADE = 0.8
+"""Brightness of the lower teeth relative to the upper."""
+EDGE_SHADOW = 0.3
+"""How much darker the lip is along the inner lip edge (1-2 px)."""
+
+
+def teeth_colour(skin_rgb: np.ndarray) -> np.ndarray:
+    """(3,) float32 teeth colour under the lighting of a face whose skin has mean colour `skin_rgb`."""
+    luminance = float(np.dot(np.asarray(skin_rgb, np.float64), [0.299, 0.587, 0.114]))
+    return (np.array(TEETH_RGB, np.float32) * np.clip(luminance / SKIN_LUMINANCE, 0.6, 1.15)).astype(np.float32)
+
+
+def paint_mouth_interior(colour: np.ndarray, inside: np.ndarray, inter_ocular_px: float,
+                         teeth_rgb: np.ndarray) -> np.ndarray:
+    """`colour` (S, S, 3) float32 with the mouth interior painted where `inside` (S, S) float
+    in [0, 1] (the rasterized cavity) is set; returns a new array."""
+    colour = np.array(colour, np.float32, copy=True)
+    rows, cols = np.nonzero(inside > 0.5)
+    if len(rows) == 0:
+        return colour
+    pad = 4
+    y0, y1 = max(rows.min() - pad, 0), min(rows.max() + pad + 1, inside.shape[0])
+    x0, x1 = max(cols.min() - pad, 0), min(cols.max() + pad + 1, inside.shape[1])
+    mask = inside[y0:y1, x0:x1] > 0.5
+    h, w = mask.shape
+    has = mask.any(axis=0)
+    top = np.where(has, mask.argmax(axis=0), 0)
+    bottom = np.where(has, h - 1 - mask[::-1].argmax(axis=0), 0)
+    opening = np.where(has, bottom - top + 1, 0).astype(np.float32)
+    row = np.arange(h, dtype=np.float32)[:, None]
+
+    # Across the mouth: full teeth in the middle, fading to none at the corners.
+    open_cols = np.flatnonzero(has)
+    left, right = open_cols.min(), open_cols.max()
+    across = (np.arange(w) - (left + right) / 2.0) / max((right - left) / 2.0, 1.0)
+    profile = np.sqrt(np.clip(1.0 - across**2, 0.0, 1.0)).astype(np.float32)
+    # A slit shows no teeth; a wide-open mouth the teeth's full height.
+    showing = np.clip(opening / (TEETH_OPENING * inter_ocular_px) - 0.5, 0.0, 1.0)
+    teeth_height = (np.minimum(TEETH_SHARE * opening, TEETH_HEIGHT * inter_ocular_px) * showing
+                    * np.clip(1.6 * profile, 0, 1))
+    from_top = row - top[None, :]
+    from_bottom = bottom[None, :] - row
+    upper = np.clip(teeth_height[None, :] - from_top, 0.0, 1.0) * (from_top >= 0)
+    lower = (np.clip(LOWER_TEETH * teeth_height[None, :] - from_bottom, 0.0, 1.0) * (from_bottom >= 0)
+             * (1 - upper))
+    teeth = upper + lower
+    # The teeth darken towards the corners and just under the upper lip's shadow; the lower
+    # teeth are in the shadow of the upper ones.
+    teeth_shade = (0.7 + 0.3 * profile)[None, :] * np.clip(0.75 + 0.25 * from_top, 0.75, 1.0)
+    teeth_shade = teeth_shade * (1 - (1 - LOWER_TEETH_SHADE) * (lower > upper))
+
+    # The throat: darkest in the middle of the opening.
+    middle = (top + bottom)[None, :] / 2.0
+    half = np.maximum(opening / 2.0, 1.0)[None, :]
+    throat_shade = 1.0 - 0.35 * np.clip(1.0 - np.abs(row - middle) / half, 0.0, 1.0) * profile[None, :]
+
+    interior = (np.array(THROAT_RGB, np.float32) * throat_shade[..., None] * (1 - teeth[..., None])
+                + np.asarray(teeth_rgb, np.float32) * (teeth * teeth_shade)[..., None])
+    soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 0.6)
+    edge = cv2.GaussianBlur(cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(np.float32)
+                            - mask, (0, 0), 0.8)
+    block = colour[y0:y1, x0:x1] * (1.0 - EDGE_SHADOW * np.clip(edge, 0, 1))[..., None]
+    colour[y0:y1, x0:x1] = block * (1 - soft[..., None]) + interior * soft[..., None]
+    return colour
