@@ -21,7 +21,7 @@ a plot (`worst_*.png`: both openings over time for both observers, and three fra
 
 With `--models DIR` (a models folder with `image_encoder/`, e.g. `freetalk models tiny DIR`,
 or the real ViT-H), each pair also gets the Pearson correlation between the structure
-embedding's distance from the anchor frame (`structure_embedding_follow`) and the lip opening.
+embedding's distance from the anchor frame and the lip opening (`embedding_follows_lips`).
 
 MediaPipe 0.10 pins numpy < 2, which the product does not: it runs in its own environment,
 created on first use as
@@ -135,24 +135,6 @@ def agreement(rendered: np.ndarray, reference: np.ndarray) -> tuple[float, float
 
 
 # ---------------------------------------------------------------------------------------------
-# Structure embedding against the lip opening
-# ---------------------------------------------------------------------------------------------
-
-
-def structure_embedding_follow(embeddings: np.ndarray, opening: np.ndarray) -> float:
-    """Pearson correlation between the patch-token distance of each structure embedding from
-    the anchor frame's (the most closed frame of `opening`) and the lip opening change from
-    the anchor. embeddings: (T, 257, D) (class token first); opening: (T,) lip opening."""
-    from freetalk_core.lips import centred_moving_average
-
-    opening = np.asarray(opening, np.float64)
-    anchor = int(np.argmin(centred_moving_average(opening)))
-    patches = np.asarray(embeddings, np.float64)[:, 1:]
-    distance = np.linalg.norm((patches - patches[anchor]).reshape(len(patches), -1), axis=1)
-    return float(np.corrcoef(distance, opening - opening[anchor])[0, 1])
-
-
-# ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
@@ -256,10 +238,10 @@ def main() -> None:
         shown_lips = np.mean([lip_colour_lab(frames[t], shown["dlib_landmarks"][t]) for t in found], axis=0)
         row["lips_dlab"] = float(np.linalg.norm(own_lips - shown_lips))
         if encoder is not None:
-            from freetalk_core.clip_embed import structure_embeddings
+            from freetalk_core.clip_embed import embedding_follows_lips, structure_embeddings
 
-            row["embedding_pearson"] = structure_embedding_follow(structure_embeddings(encoder, frames),
-                                                                  reference["dlib_outer"])
+            row["embedding_pearson"] = embedding_follows_lips(structure_embeddings(encoder, frames),
+                                                              lip_landmarks[:n])
         rows.append(row)
         key = (identity, lip_ref)
         series[key] = {f"{side}_{part}": values[part] for side, values in (("structure", shown), ("reference", reference))

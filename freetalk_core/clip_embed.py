@@ -178,3 +178,29 @@ def identity_embedding(arcface, crops: np.ndarray, landmarks: np.ndarray, batch_
     ).astype(np.float64)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     return embeddings.mean(axis=0).astype(np.float32)
+
+
+def embedding_follows_lips(embeddings: np.ndarray, lip_landmarks: np.ndarray) -> float:
+    """How closely the structure embedding follows the lip motion: the Pearson correlation,
+    over frames, between the patch tokens' distance from the anchor frame's (`||e_t - e_a||`,
+    the class token left out as the controller leaves it) and the lip opening's change from
+    the anchor (`h_t - h_a`); the anchor and `h_t` as the controller defines them
+    (`freetalk_core.lips`). NaN where either does not vary.
+
+    Args:
+        embeddings: `(T, 257, D)` structure embeddings.
+        lip_landmarks: `(T, 68, 2)` the lip reference's crop landmarks.
+    """
+    from freetalk_core.lips import closed_mouth_index, lip_distance
+
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    if embeddings.ndim != 3 or len(embeddings) != len(lip_landmarks):
+        raise ValueError(f"embeddings must be (T, 257, D) with T = {len(lip_landmarks)}, got {embeddings.shape}")
+    anchor = closed_mouth_index(lip_landmarks)
+    patches = embeddings[:, 1:].reshape(len(embeddings), -1)
+    distance = np.linalg.norm(patches - patches[anchor], axis=1)
+    opening = lip_distance(lip_landmarks)
+    opening = opening - opening[anchor]
+    if distance.std() == 0 or opening.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(distance, opening)[0, 1])
