@@ -49,11 +49,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.structurist import SHARED, _head, detect_all, prepare, upper_face_psnr  # noqa: E402
+from bench.structurist import SHARED, detect_all, prepare, render_pair, upper_face_psnr  # noqa: E402
 from freetalk_core import face_crop  # noqa: E402
 from freetalk_core.fit_3dmm import fit_landmarks, load_face_model  # noqa: E402
 from freetalk_core.lips import lip_opening, normalised_landmarks  # noqa: E402
-from freetalk_core.structure_render import ModernGLRenderer, lip_colour_lab, render_structure_frames  # noqa: E402
+from freetalk_core.structure_render import ModernGLRenderer, lip_colour_lab  # noqa: E402
 
 MEDIAPIPE = "mediapipe==0.10.21"
 MP_WORKER = Path(__file__).resolve().parent / "mediapipe_landmarks.py"
@@ -216,13 +216,9 @@ def main() -> None:
     print(f"{'identity':44s} {'lip reference':44s} {'dlib r':>6s} {'ratio':>5s} {'inner':>5s} "
           f"{'MP r':>6s} {'ratio':>5s} {'inner':>5s} {'PSNR':>5s} {'dLab':>5s}" + ("  emb r" if encoder else ""))
     for identity, lip_ref in pairs:
-        crops, landmarks = clips[identity]
-        lip_crops, lip_landmarks = clips[lip_ref]
-        n = min(len(crops), len(lip_crops))
-        start = time.perf_counter()
-        frames = render_structure_frames(model, crops[:n], landmarks[:n], _head(fits[identity], n),
-                                         lip_landmarks[:n], renderer=renderer)
-        render_ms.append(1000 * (time.perf_counter() - start) / n)
+        frames, ms = render_pair(model, clips, fits, identity, lip_ref, renderer)
+        render_ms.append(ms)
+        (crops, landmarks), (lip_crops, lip_landmarks), n = clips[identity], clips[lip_ref], len(frames)
         shown, reference = observe(detector, mediapipe, frames), {k: v[:n] for k, v in seen[lip_ref].items()}
         row = dict(identity=identity, lip_ref=lip_ref, frames=n)
         for observer in ("dlib", "mp"):

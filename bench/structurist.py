@@ -61,6 +61,17 @@ def prepare(path: Path, n_frames: int, detector) -> tuple[np.ndarray, np.ndarray
     return crops, face_crop.transform_points(landmarks, M[:, None])
 
 
+def render_pair(model, clips: dict, fits: dict, identity: str, lip_ref: str, renderer, **options):
+    """The structure frames of (identity, lip reference), over the shorter clip, and the
+    render's ms per frame. clips: name -> (crops, landmarks) of `prepare`; fits: name -> fit."""
+    (crops, landmarks), (_, lip_landmarks) = clips[identity], clips[lip_ref]
+    n = min(len(crops), len(lip_landmarks))
+    start = time.perf_counter()
+    frames = render_structure_frames(model, crops[:n], landmarks[:n], _head(fits[identity], n), lip_landmarks[:n],
+                                     _head(fits[lip_ref], n), renderer=renderer, **options)
+    return frames, 1000 * (time.perf_counter() - start) / n
+
+
 def detect_all(detector, images) -> np.ndarray:
     """(T, 68, 2) float32 dlib landmarks of each image, NaN where no face is found."""
     out = [detector.detect(image) for image in images]
@@ -114,14 +125,10 @@ def main() -> None:
     print(f"{'identity':34s} {'lip reference':34s} {'frames':>6s} {'pearson':>8s} {'std ratio':>9s} "
           f"{'upper PSNR':>10s} {'lips dLab':>9s}")
     for identity, lip_ref in PAIRS:
-        crops, landmarks = clips[identity]
-        lip_crops, lip_landmarks = clips[lip_ref]
-        n = min(len(crops), len(lip_crops))
-        start = time.perf_counter()
-        frames = render_structure_frames(model, crops[:n], landmarks[:n], _head(fits[identity], n),
-                                         lip_landmarks[:n], _head(fits[lip_ref], n), renderer=renderer,
-                                         own_frame_texture=bool(args.own_frame_texture))
-        render_ms.append(1000 * (time.perf_counter() - start) / n)
+        frames, ms = render_pair(model, clips, fits, identity, lip_ref, renderer,
+                                 own_frame_texture=bool(args.own_frame_texture))
+        render_ms.append(ms)
+        (crops, landmarks), (lip_crops, _), n = clips[identity], clips[lip_ref], len(frames)
         rendered = detect_all(detector, frames)
         reference = detect_all(detector, lip_crops[:n])
         a = lip_opening(rendered)

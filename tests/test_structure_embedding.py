@@ -6,15 +6,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from freetalk_core import face_crop
 from freetalk_core.clip_embed import embedding_follows_lips, load_image_encoder, structure_embeddings
-from freetalk_core.face_crop import (
-    LandmarkDetector,
-    crop_transforms,
-    fill_and_smooth,
-    track_landmarks,
-    transform_points,
-    warp_to_crop,
-)
 from freetalk_core.fit_3dmm import fit_landmarks, load_face_model
 from freetalk_core.lips import lip_distance
 from freetalk_core.structure_render import render_structure_frames
@@ -40,12 +33,11 @@ def test_embedding_follows_lips_measures_distance_from_the_closed_frame():
 
 def _crops(path, n):
     frames = read_video(path, max_frames=n)
-    detector = LandmarkDetector()
-    landmarks, found = track_landmarks(iter(frames), detector)
-    landmarks, _ = fill_and_smooth(landmarks, found)
-    transforms = crop_transforms(landmarks)
-    return (np.stack([warp_to_crop(f, m) for f, m in zip(frames, transforms)]),
-            transform_points(landmarks, transforms[:, None]))
+    landmarks, found = face_crop.track_landmarks(iter(frames), face_crop.LandmarkDetector())
+    landmarks, _ = face_crop.fill_and_smooth(landmarks, found)
+    transforms = face_crop.crop_transforms(landmarks)
+    return (np.stack([face_crop.warp_to_crop(f, m) for f, m in zip(frames, transforms)]),
+            face_crop.transform_points(landmarks, transforms[:, None]))
 
 
 def test_structure_embedding_follows_the_lip_reference(samples_dir, eos_dir, tiny_models):
