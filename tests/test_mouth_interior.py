@@ -27,10 +27,10 @@ def test_an_open_mouth_shows_teeth_under_the_upper_lip_and_a_dark_throat_below()
     column = _luminance(painted[:, 100])
     rows = np.flatnonzero(inside[:, 100] > 0.5)
     top, bottom = rows.min(), rows.max()
-    assert column[top + 3] > 150  # teeth just under the upper lip
+    assert column[top + 1] > 150  # teeth just under the upper lip
     assert column[(top + bottom) // 2 + 4] < 25  # the throat
     # Teeth fade towards the corners; the lip outside the mouth is kept (but a thin edge shadow).
-    assert _luminance(painted[top + 3, 100]) > _luminance(painted[np.flatnonzero(inside[:, 58])[0] + 1, 58])
+    assert _luminance(painted[top + 1, 100]) > _luminance(painted[np.flatnonzero(inside[:, 58])[0] + 1, 58])
     far = np.ones((200, 200), bool)
     far[40:160, 40:160] = False
     np.testing.assert_array_equal(painted[far], colour[far])

@@ -20,9 +20,12 @@ TEETH_RGB = (222, 212, 196)
 """Colour of the teeth in neutral light (scaled by the identity's skin brightness)."""
 SKIN_LUMINANCE = 150.0
 """Skin luminance (0-255) under which the teeth keep `TEETH_RGB`."""
-TEETH_HEIGHT = 0.11
-"""Height of the visible upper teeth, in inter-ocular distances, at a wide-open mouth."""
-TEETH_SHARE = 0.45
+TEETH_HEIGHT = 0.03
+"""Height of the visible upper teeth, in inter-ocular distances, at a wide-open mouth: a hint
+only. Taller bands (0.06-0.11) are read as open by MediaPipe's face mesh a little better still
+but make dlib place the lower lip at their edge (dlib Pearson 0.92 -> 0.79 on four pairs of
+bench/structure_observers.py at 0.11; none: MediaPipe 0.80 -> 0.75)."""
+TEETH_SHARE = 0.25
 """At most this share of the opening (per image column) shows teeth."""
 TEETH_OPENING = 0.12
 """Opening (per column, inter-ocular distances) from which the teeth show half their height
