@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from tasks.common import ItemJob, chunk_ranges, progress, recorded_chunk
+from tasks.common import ItemJob, StageRef, chunk_ranges, progress, recorded_chunk
 
 SETUP = -1
 """Chunk number of a stage's whole-clip unit that runs before its chunks."""
@@ -149,6 +149,11 @@ class StageRun:
                 self.done.add(chunk)
                 self.computed += 1
                 self._units_done += 1
+
+    def result(self) -> StageRef:
+        """`close` the stage and return its reference (what the stage task returns)."""
+        self.close()
+        return StageRef(item_id=self.item, stage=self.stage, key=self.key, frames=self.frames or 0)
 
     def close(self) -> None:
         """Progress to the end and the stage's log line: frames, seconds, units computed vs

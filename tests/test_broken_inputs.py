@@ -224,13 +224,13 @@ def test_a_missing_diffusion_model_file_fails_the_item_and_keeps_the_stages_befo
 @pytest.mark.parametrize("failure", ["encoding", "signing"])
 def test_a_failure_while_writing_the_output_leaves_no_file_under_its_name(failure, clips, tiny_models, tmp_path,
                                                                           monkeypatch):
-    import tasks.noise_filter as nf
+    from tasks import noise_filter
 
     job = _job(clips / "identity.mp4", clips / "lip.mp4", tmp_path / "store", tiny_models)
     store = Store(job.store)
     out = tmp_path / "out.mp4"
     if failure == "encoding":
-        real = nf.pasted_frames
+        real = noise_filter.pasted_frames
 
         def frames_then_failure(*args):
             for i, frame in enumerate(real(*args)):
@@ -238,12 +238,12 @@ def test_a_failure_while_writing_the_output_leaves_no_file_under_its_name(failur
                     raise OSError("disk full")
                 yield frame
 
-        monkeypatch.setattr(nf, "pasted_frames", frames_then_failure)
+        monkeypatch.setattr(noise_filter, "pasted_frames", frames_then_failure)
     else:
         def failed_signing(*args, **kwargs):
             raise RuntimeError("signing service down")
 
-        monkeypatch.setattr(nf.provenance, "sign_output", failed_signing)
+        monkeypatch.setattr(noise_filter.provenance, "sign_output", failed_signing)
     with pytest.raises((OSError, RuntimeError)):
         _run(job, out)
     assert not store.output_path(job.item_id).exists() and not out.exists()

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from conftest import EOS_DIR
 
 from freetalk_core import clip_embed, models
 from freetalk_core.errors import ModelFileError
+from freetalk_core.models import layout
 
-from conftest import EOS_DIR
-
-HIDDEN = models.TINY_CLIP_VISION_CONFIG["hidden_size"]
+HIDDEN = layout.TINY_CLIP_VISION_CONFIG["hidden_size"]
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def models_dir(tmp_path_factory):
     if not eos.is_dir():
         eos = tmp / "eos-placeholder"
         eos.mkdir()
-        for name in models.EOS_FILES.values():
+        for name in layout.EOS_FILES.values():
             (eos / name).write_text("placeholder: the embedding tests never read eos files\n")
     return models.write_tiny_models(tmp / "m", eos_source=eos)
 

@@ -11,11 +11,11 @@ from freetalk_core.face_crop import (
     fill_and_smooth,
     invert_transform,
     mouth_mask,
-    paste_back,
     track_landmarks,
     transform_points,
     warp_to_crop,
 )
+from freetalk_core.paste_back import paste_back
 
 # Template positions the crop promises (see CROP_TEMPLATE's docstring).
 LEFT_EYE_AT = np.array([196.0, 215.0])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage import STAGES, Store
+from storage import STAGES, Store, arrays
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_another_chunk_size_recomputes_every_stage_and_reads_only_written_frames
         if row["chunk"] > 0:
             store.record_stage(job.item_id, "diffusion", row["chunk"], "failed", seconds=0, frames=0,
                                cache_key=row["cache_key"], error="killed")
-    frames = store.stage_group(job.item_id, "diffusion")["frames"]
+    frames = store.stage_group(job.item_id, arrays.DIFFUSION)[arrays.GENERATED_FRAMES.name]  # writable
     frames[5:] = 0
     store.output_path(job.item_id).unlink()
     resumed = make_job(*short_pair, store=store_dir, models=tiny_models, **{**settings, "chunk_frames": 12})
@@ -131,8 +131,8 @@ def test_another_chunk_size_recomputes_every_stage_and_reads_only_written_frames
     computed = _computed_since(store, job.item_id, since)
     assert set(computed) == set(STAGES)
     assert computed["diffusion"] == 1  # one chunk of 12 frames, none taken as done
-    generated = store.read(job.item_id, "diffusion", "frames")
-    masks = store.read(job.item_id, "face_crop", "mouth_masks")
+    generated = store.read(job.item_id, arrays.GENERATED_FRAMES)
+    masks = store.read(job.item_id, arrays.MOUTH_MASKS)
     # every frame was generated: the repainted mouth is never the zero fill of an unwritten chunk
     assert all(generated[t][masks[t] > 128].any() for t in range(len(generated)))
 

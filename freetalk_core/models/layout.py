@@ -100,27 +100,19 @@ SD15_VAE_CONFIG = dict(
     sample_size=512,
     scaling_factor=0.18215,
 )
-SD15_TEXT_CONFIG = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-CLIP_VIT_H_CONFIG = dict(
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=14,
-    projection_dim=1024,
-    hidden_act="gelu",
-    layer_norm_eps=1e-5,
-)
+
+
+def clip_transformer_config(width: int, layers: int, heads: int, **config) -> dict:
+    """A CLIP transformer's configuration: `width` wide (MLP 4 x `width`), `layers` deep,
+    `heads` attention heads, and the rest of `config`."""
+    return dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                num_attention_heads=heads, **config)
+
+
+SD15_TEXT_CONFIG = clip_transformer_config(768, 12, 12, vocab_size=49408, max_position_embeddings=77,
+                                           hidden_act="quick_gelu", projection_dim=768)
+CLIP_VIT_H_CONFIG = clip_transformer_config(1280, 32, 16, image_size=224, patch_size=14, projection_dim=1024,
+                                            hidden_act="gelu", layer_norm_eps=1e-5)
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,

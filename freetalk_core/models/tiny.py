@@ -1,5 +1,7 @@
 """Tiny random-weight checkpoints in the real on-disk formats (`freetalk models tiny`): the loaders
-that read the real checkpoints read these unchanged."""
+that read the real checkpoints read these unchanged. Also the full-size diffusion pipeline with
+random weights (`full_size_random_pipeline`), for measuring speed and memory without the real
+checkpoints."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 from freetalk_core.errors import ModelFileError
 from freetalk_core.models.layout import (
+    CLIP_VIT_H_CONFIG,
     EOS_DIR,
     EOS_FILES,
     EOS_HINT,
@@ -20,6 +23,8 @@ from freetalk_core.models.layout import (
     SCHEDULER_CONFIG,
     SD15_DIR,
     SD15_TEXT_CONFIG,
+    SD15_UNET_CONFIG,
+    SD15_VAE_CONFIG,
     TINY_CLIP_VISION_CONFIG,
     TINY_FACEID_SCALE,
     TINY_LORA_RANK,
@@ -242,3 +247,35 @@ def write_tiny_scrfd(path: str | os.PathLike, side: int = 640) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def full_size_random_pipeline(device, dtype, workdir: str | os.PathLike):
+    """The product's diffusion pipeline (`freetalk_core.diffusion.attach_faceid`) at the real
+    SD 1.5 inpainting and FaceID-Plus sizes with random weights (fixed seed): the same FLOPs and
+    memory as the real checkpoints. `workdir` receives the tokenizer. Returns `(pipe, CLIP width)`."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionInpaintPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from freetalk_core.diffusion import attach_faceid
+
+    tokenizer = Path(workdir) / "tokenizer"
+    write_tiny_tokenizer(tokenizer)
+    torch.manual_seed(TINY_SEED)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+    pipe = StableDiffusionInpaintPipeline(
+        vae=vae.to(dtype), text_encoder=text_encoder.to(dtype), tokenizer=CLIPTokenizer.from_pretrained(tokenizer),
+        unet=unet.to(dtype), scheduler=DPMSolverMultistepScheduler.from_config(SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    clip_hidden = CLIP_VIT_H_CONFIG["hidden_size"]
+    faceid = random_faceid_plus_state_dict(SD15_UNET_CONFIG, clip_hidden)
+    return attach_faceid(pipe, faceid).to(device), clip_hidden
