@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import faststart_copy
+from conftest import computed_since, faststart_copy, write_sample_pair
 
 from freetalk_core import video
 from storage import Store
@@ -30,12 +30,8 @@ SETTINGS = dict(steps=2, guidance=1.0, batch_size=5)
 def clips(tmp_path_factory, samples_dir):
     """A good 10-frame pair, one-frame clips, and the broken inputs users send."""
     folder = tmp_path_factory.mktemp("clips")
-    identity = video.read_video(samples_dir / "SadTalker__WDA_KatieHill_000.mp4", fps=25.0, max_frames=FRAMES)
-    lip = video.read_video(samples_dir / "MimicTalk__May_5s.mp4", fps=25.0, max_frames=FRAMES)
-    video.write_video(folder / "identity.mp4", iter(identity), 25.0)
-    video.write_video(folder / "lip.mp4", iter(lip), 25.0, audio=samples_dir / "MimicTalk__May_5s.mp4")
-    video.write_video(folder / "identity-1-frame.mp4", iter(identity[:1]), 25.0)
-    video.write_video(folder / "lip-1-frame.mp4", iter(lip[:1]), 25.0, audio=samples_dir / "MimicTalk__May_5s.mp4")
+    write_sample_pair(folder, samples_dir, FRAMES)
+    write_sample_pair(folder, samples_dir, 1, names=("identity-1-frame.mp4", "lip-1-frame.mp4"))
     data = (folder / "identity.mp4").read_bytes()
     (folder / "truncated.mp4").write_bytes(data[:len(data) // 2])  # index at the end: lost
     fast = faststart_copy(folder / "identity.mp4", folder / "faststart.mp4").read_bytes()
@@ -185,13 +181,6 @@ def test_a_4k_identity_gives_a_4k_output_streamed_a_chunk_at_a_time(clips, prefe
 
 
 # ------------------------------------------------------------------------------------ nothing lost
-def _computed_since(store: Store, item: str, since: datetime) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in store.stage_rows(item):
-        if row["status"] == "done" and row["finished_at"] > since:
-            counts[row["stage"]] = counts.get(row["stage"], 0) + 1
-    return counts
-
 
 def _now() -> datetime:
     time.sleep(0.01)
@@ -218,7 +207,7 @@ def test_a_missing_diffusion_model_file_fails_the_item_and_keeps_the_stages_befo
     since = _now()
     _run(job)
     assert store.item(job.item_id)["status"] == "done"
-    assert set(_computed_since(store, job.item_id, since)) == {"diffusion", "optical_flow", "noise_filter"}
+    assert set(computed_since(store, job.item_id, since)) == {"diffusion", "optical_flow", "noise_filter"}
 
 
 @pytest.mark.parametrize("failure", ["encoding", "signing"])
@@ -255,7 +244,7 @@ def test_a_failure_while_writing_the_output_leaves_no_file_under_its_name(failur
     since = _now()
     _run(job, out)
     # Only the output is made again: every stage's chunks and the noise filter's were kept.
-    assert _computed_since(store, job.item_id, since) == {"noise_filter": 1}
+    assert computed_since(store, job.item_id, since) == {"noise_filter": 1}
     assert video.probe(out).n_frames == FRAMES
     from freetalk_core.provenance import verify
 

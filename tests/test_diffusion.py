@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from conftest import EOS_DIR
 
 from freetalk_core import diffusion, models
 from freetalk_core.errors import ModelFileError
@@ -14,25 +13,9 @@ STEPS = 3
 CLIP_HIDDEN = layout.TINY_CLIP_VISION_CONFIG["hidden_size"]
 
 
-def _eos_source(tmp_path):
-    if EOS_DIR.is_dir():
-        return EOS_DIR
-    folder = tmp_path / "eos-placeholder"
-    folder.mkdir()
-    for name in layout.EOS_FILES.values():
-        (folder / name).write_text("placeholder: the diffusion tests never read eos files\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("models")
-    return models.write_tiny_models(tmp / "m", eos_source=_eos_source(tmp))
-
-
-@pytest.fixture(scope="module")
-def pipe(models_dir):
-    return diffusion.load_pipeline(models_dir)
+def pipe(tiny_models_anywhere):
+    return diffusion.load_pipeline(tiny_models_anywhere)
 
 
 @pytest.fixture(scope="module")
@@ -97,18 +80,18 @@ def test_faceid_lora_changes_the_unet_output(pipe):
     assert (with_lora - without_lora).abs().max() > 1e-4
 
 
-def test_plusv2_turns_the_shortcut_on(models_dir):
-    pipe_v2 = diffusion.load_pipeline(models_dir, faceid_variant="plusv2")
+def test_plusv2_turns_the_shortcut_on(tiny_models_anywhere):
+    pipe_v2 = diffusion.load_pipeline(tiny_models_anywhere, faceid_variant="plusv2")
     assert pipe_v2.unet.encoder_hid_proj.image_projection_layers[0].shortcut is True
 
 
-def test_missing_faceid_file_is_a_model_file_error(tmp_path, models_dir, monkeypatch):
+def test_missing_faceid_file_is_a_model_file_error(tmp_path, tiny_models_anywhere, monkeypatch):
     import shutil
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     broken = tmp_path / "m"
-    shutil.copytree(models_dir, broken, symlinks=True)
+    shutil.copytree(tiny_models_anywhere, broken, symlinks=True)
     models.faceid_path(broken).unlink()
     with pytest.raises(ModelFileError, match="ip-adapter-faceid-plus_sd15.bin"):
         diffusion.load_pipeline(broken)
@@ -191,8 +174,8 @@ def test_bad_inputs_are_rejected(pipe, inputs):
                                   diffusion.initial_noise(0, 256, 256))
 
 
-def test_fused_lora_and_channels_last_keep_the_result(models_dir, inputs):
-    fresh = diffusion.load_pipeline(models_dir)
+def test_fused_lora_and_channels_last_keep_the_result(tiny_models_anywhere, inputs):
+    fresh = diffusion.load_pipeline(tiny_models_anywhere)
     before = _generate(fresh, inputs, frames=slice(0, 2), output_type="float", steps=2)
     diffusion.optimize_pipeline(fresh, channels_last=True, vae_slicing=True)
     assert diffusion.faceid_lora_layers(fresh) == []  # folded into the attention weights

@@ -9,6 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from conftest import generate_beside_store, outside_mouth_masks, write_sample_pair
 
 from storage import STAGES, Store, arrays
 from tasks.common import mask_weights, read_flows
@@ -18,28 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def one_second_pair(tmp_path_factory, samples_dir):
-    from freetalk_core import video
-
-    folder = tmp_path_factory.mktemp("clips")
-    clips = []
-    for name in ("SadTalker__WDA_KatieHill_000.mp4", "MimicTalk__May_5s.mp4"):
-        source = samples_dir / name
-        frames = video.read_video(source, fps=25.0, max_frames=25)
-        out = folder / name
-        video.write_video(out, iter(frames), 25.0, audio=source)
-        clips.append(out)
-    return clips
+    return list(write_sample_pair(tmp_path_factory.mktemp("clips"), samples_dir, 25,
+                                  names=("SadTalker__WDA_KatieHill_000.mp4", "MimicTalk__May_5s.mp4"),
+                                  identity_audio=True))
 
 
 def _run(job):
-    from flows.generate import generate_to
-    from flows.runtime import configure_environment, store_settings
-
-    configure_environment()
-    with store_settings(Path(job.store)):
-        start = time.perf_counter()
-        out = generate_to(job, Path(job.store).parent / f"{job.item_id}.mp4")
-        return out, time.perf_counter() - start
+    start = time.perf_counter()
+    out = generate_beside_store(job)
+    return out, time.perf_counter() - start
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +78,13 @@ def test_store_holds_every_stage_done(first_run):
 
 def test_output_equals_identity_outside_the_mouth_mask(first_run):
     from freetalk_core import video
-    from freetalk_core.paste_back import paste_back
 
     job, out, _ = first_run
-    store = Store(job.store)
     identity = video.read_video(job.identity, fps=25.0)
     output = video.read_video(out, fps=25.0)
-    masks = mask_weights(store.read(job.item_id, arrays.MOUTH_MASKS))
-    transforms = store.read(job.item_id, arrays.CROP_TRANSFORMS["identity"])
-    index = store.read(job.item_id, arrays.SOURCE_INDEX["identity"])
-    for t in range(0, len(output), 6):
-        ident = identity[index[t]]
-        full_mask = paste_back(np.zeros_like(ident), np.full((512, 512, 3), 255, np.uint8),
-                               transforms[t], masks[t])[..., 0]
-        outside = (full_mask == 0).astype(np.float64)
+    for t, ident, outside in outside_mouth_masks(Store(job.store), job.item_id, identity, len(output)):
         assert outside.mean() > 0.5
-        assert _psnr(output[t], ident, outside) > 35
+        assert _psnr(output[t], ident, outside.astype(np.float64)) > 35
 
 
 def test_every_stored_array_is_in_the_catalogue_as_declared(first_run):

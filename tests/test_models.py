@@ -5,27 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EOS_DIR
 
 from freetalk_core import models
 from freetalk_core.errors import ModelFileError
 from freetalk_core.models import download, layout
 
 
-def _eos_source(tmp_path):
-    if EOS_DIR.is_dir():
-        return EOS_DIR
-    folder = tmp_path / "eos-placeholder"
-    folder.mkdir(exist_ok=True)
-    for name in layout.EOS_FILES.values():
-        (folder / name).write_text("placeholder: check_models only checks that eos files exist\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("models")
-    return models.write_tiny_models(tmp / "tiny", eos_source=_eos_source(tmp))
+def tiny_dir(tiny_models_anywhere):
+    return tiny_models_anywhere
 
 
 @pytest.fixture

@@ -268,21 +268,14 @@ def test_store_traces_the_output_by_hash_and_watermark_id(generated, tmp_path):
 
 
 def test_marked_output_matches_identity_outside_the_mouth_mask(generated):
+    from conftest import outside_mouth_masks
+
     from freetalk_core import video
-    from freetalk_core.paste_back import paste_back
 
     job, out = generated
-    store = Store(job.store)
     identity = video.read_video(job.identity, fps=25.0)
     output = video.read_video(out, fps=25.0)
-    masks = store.read(job.item_id, arrays.MOUTH_MASKS)
-    transforms = store.read(job.item_id, arrays.CROP_TRANSFORMS["identity"])
-    index = store.read(job.item_id, arrays.SOURCE_INDEX["identity"])
-    for t in range(0, len(output), 6):
-        ident = identity[index[t]]
-        full_mask = paste_back(np.zeros_like(ident), np.full((512, 512, 3), 255, np.uint8),
-                               transforms[t], masks[t])[..., 0]
-        outside = (full_mask == 0)
+    for t, ident, outside in outside_mouth_masks(Store(job.store), job.item_id, identity, len(output)):
         outside[int(0.85 * outside.shape[0]):] = False  # the visible label's corner
         err = ((output[t].astype(np.float64) - ident) ** 2)[outside].mean()
         assert 10 * np.log10(255 ** 2 / err) > 35
