@@ -283,7 +283,7 @@ def load_cached(kind: str, loader: Callable[[], Any], *, models: str | Path | No
                                      f"`freetalk models check {models}`, then `freetalk models download` "
                                      f"(or `freetalk models tiny` for tests)") from exc
             _model_loads[kind] = _model_loads.get(kind, 0) + 1
-            _run_logger().info("loaded %s on %s in %.1f s (load %d of %s in this worker)", kind,
+            run_logger().info("loaded %s on %s in %.1f s (load %d of %s in this worker)", kind,
                                device or "cpu", time.perf_counter() - start, _model_loads[kind], kind)
         return _loaded_models[key]
 
@@ -294,7 +294,8 @@ def model_loads() -> dict[str, int]:
         return dict(_model_loads)
 
 
-def _run_logger():
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a task or flow run; a plain module logger outside one."""
     from prefect import get_run_logger
     from prefect.exceptions import MissingContextError
 
