@@ -7,6 +7,7 @@ Layout (ARCHITECTURE.md, "Models directory")::
     MODELS/image_encoder/     CLIPVisionModelWithProjection (ViT-H/14: 257 x 1280 hidden states)
     MODELS/insightface/       w600k_r50.onnx (ArcFace of the buffalo_l pack), or models/buffalo_l/...
     MODELS/eos/               the Surrey Face Model files
+    MODELS/evaluation/        optional: the networks of `freetalk evaluate` (EVALUATION_FILES)
 
 `write_tiny_models` fills such a directory with random weights of tiny width in exactly these
 on-disk formats, so the loaders that read the real checkpoints read the tiny ones unchanged.
@@ -17,7 +18,9 @@ from __future__ import annotations
 from freetalk_core.models.check import (  # noqa: F401 - the package's interface
     ModelEntry,
     check_arcface,
+    check_evaluation_models,
     check_models,
+    describe_evaluation_models,
     describe_models,
     format_description,
 )
@@ -34,6 +37,8 @@ from freetalk_core.models.layout import (  # noqa: F401 - the package's interfac
     EOS_DIR,
     EOS_FILES,
     EOS_HINT,
+    EVALUATION_DIR,
+    EVALUATION_FILES,
     FACEID_FILES,
     FACEID_ID_DIM,
     FACEID_LORA_RANK,
@@ -64,6 +69,7 @@ from freetalk_core.models.layout import (  # noqa: F401 - the package's interfac
     TINY_VAE_CONFIG,
     arcface_path,
     check_faceid_state_dict,
+    evaluation_path,
     faceid_image_proj_shapes,
     faceid_ip_adapter_shapes,
     faceid_path,
@@ -75,6 +81,7 @@ from freetalk_core.models.layout import (  # noqa: F401 - the package's interfac
 from freetalk_core.models.tiny import (  # noqa: F401 - the package's interface
     link_eos,
     write_clip_image_processor,
+    write_tiny_evaluation_models,
     write_tiny_models,
     write_tiny_scrfd,
     write_tiny_tokenizer,

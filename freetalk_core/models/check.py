@@ -14,6 +14,8 @@ from freetalk_core.models.layout import (
     EOS_DIR,
     EOS_FILES,
     EOS_HINT,
+    EVALUATION_DIR,
+    EVALUATION_FILES,
     FIX_HINT,
     IMAGE_ENCODER_DIR,
     INSIGHTFACE_DIR,
@@ -36,6 +38,7 @@ class ModelEntry:
     path: str
     what: str
     present: bool
+    optional: bool = False
 
 
 def describe_models(models_dir: str | os.PathLike) -> list[ModelEntry]:
@@ -55,6 +58,21 @@ def describe_models(models_dir: str | os.PathLike) -> list[ModelEntry]:
     if v2.is_file():
         entries.append(ModelEntry(f"{IP_ADAPTER_DIR}/{v2.name}", "IP-Adapter-FaceID-PlusV2 (optional)", True))
     return entries
+
+
+def describe_evaluation_models(models_dir: str | os.PathLike) -> list[ModelEntry]:
+    """The optional networks of `freetalk evaluate` (EVALUATION_FILES) and which are present."""
+    models_dir = Path(models_dir)
+    return [ModelEntry(f"{EVALUATION_DIR}/{entry['file']}", f"{entry['metric']}: {entry['what']}",
+                       (models_dir / EVALUATION_DIR / entry["file"]).is_file(), optional=True)
+            for entry in EVALUATION_FILES.values()]
+
+
+def check_evaluation_models(models_dir: str | os.PathLike) -> list[str]:
+    """Problems of the evaluation networks that are present (absent ones are optional: none)."""
+    from freetalk_core.evaluation.networks import check_evaluation_file
+
+    return [problem for role in EVALUATION_FILES for problem in check_evaluation_file(models_dir, role)]
 
 
 def _weights_file(folder: Path) -> Path | None:
@@ -111,6 +129,7 @@ def check_models(models_dir: str | os.PathLike, faceid_variant: str = "plus") ->
     Checks presence of every file, that weights files are complete, that the U-Net has 9 input
     channels, that the FaceID-Plus file has the real key set with shapes matching this U-Net and
     this image encoder, and that the ArcFace ONNX loads with a 112x112 input and a 512 output.
+    The optional evaluation networks may be absent; one that is present must be usable.
     """
     import torch
 
@@ -176,7 +195,7 @@ def check_models(models_dir: str | os.PathLike, faceid_variant: str = "plus") ->
     for name in EOS_FILES.values():
         if not (eos / name).is_file():
             problems.append(f"missing {EOS_DIR}/{name}: {EOS_HINT}")
-    return problems
+    return problems + check_evaluation_models(models_dir)
 
 
 def check_arcface(path: Path, models_dir: Path) -> list[str]:
@@ -196,8 +215,12 @@ def check_arcface(path: Path, models_dir: Path) -> list[str]:
 
 
 def format_description(models_dir: str | os.PathLike) -> str:
-    """describe_models as text, one line per entry."""
+    """describe_models and describe_evaluation_models as text, one line per entry."""
     lines = [f"models directory: {models_dir}"]
     for entry in describe_models(models_dir):
         lines.append(f"  [{'ok' if entry.present else '--'}] {entry.path:48s} {entry.what}")
+    lines.append("optional networks of `freetalk evaluate` (generation does not need them):")
+    for entry in describe_evaluation_models(models_dir):
+        state = "ok" if entry.present else "--"
+        lines.append(f"  [{state}] {entry.path:48s} {entry.what}{'' if entry.present else ' (missing, optional)'}")
     return "\n".join(lines)
