@@ -22,6 +22,8 @@ Loaded networks are kept per (file, device), so a dataset evaluation loads each 
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,6 +48,15 @@ def default_device(device: str | None = None) -> str:
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(device)
+
+
+@contextmanager
+def quiet_torchscript():
+    """TorchScript without torch's deprecation notices: the metric networks are published as
+    TorchScript archives, so that is the format to read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+        yield
 
 
 def _unusable(path: Path, role: str, error: BaseException) -> ModelFileError:
@@ -127,7 +138,8 @@ def _torchscript(key: tuple[str, int, int], role: str, device: str):
     import torch
 
     try:
-        model = torch.jit.load(key[0], map_location="cpu")
+        with quiet_torchscript():
+            model = torch.jit.load(key[0], map_location="cpu")
     except Exception as error:  # a damaged archive raises RuntimeError or zip errors
         raise _unusable(Path(key[0]), role, error) from error
     return model.eval().to(device)
@@ -342,7 +354,8 @@ def _state_dict(path: Path, role: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a cut-short zip or pickle raises several different types
-        raise _unusable(path, role, error) from error
+        raise ModelFileError(f"cannot load {path}: not a PyTorch tensor file, or cut short ({type(error).__name__}); "
+                             f"download {EVALUATION_FILES[role]['url']} again") from error
     if not isinstance(state, dict):
         raise ModelFileError(f"{path} is not a state dict: download {EVALUATION_FILES[role]['url']} again")
     return state

@@ -187,14 +187,20 @@ def mfcc(pcm16: np.ndarray) -> np.ndarray:
     return np.stack([np.array(c) for c in zip(*python_speech_features.mfcc(pcm16, SYNCNET_RATE))])
 
 
-def _face_windows(frames: np.ndarray) -> "torch.Tensor":  # noqa: F821 - torch is imported lazily
-    """(1, 3, T, 224, 224) float BGR in [0, 255] of uint8 RGB face crops."""
+def _faces_bgr(frames: np.ndarray) -> np.ndarray:
+    """uint8 (T, 224, 224, 3) BGR of uint8 RGB face crops."""
     import cv2
+
+    return np.stack([cv2.resize(np.ascontiguousarray(frame[:, :, ::-1]), (SYNCNET_SIDE, SYNCNET_SIDE))
+                     for frame in frames])
+
+
+def _lip_windows(faces: np.ndarray, starts: range) -> "torch.Tensor":  # noqa: F821 - torch is imported lazily
+    """(windows, 3, 5, 224, 224) float in [0, 255]: the 5 frames from each start."""
     import torch
 
-    resized = [cv2.resize(frame[:, :, ::-1], (SYNCNET_SIDE, SYNCNET_SIDE)) for frame in frames]
-    video = np.stack(resized, axis=3)[None]  # 1 x H x W x 3 x T
-    return torch.from_numpy(np.transpose(video, (0, 3, 4, 1, 2)).astype(np.float32))
+    windows = np.stack([faces[v:v + WINDOW_FRAMES] for v in starts])  # N x 5 x H x W x 3
+    return torch.from_numpy(windows).permute(0, 4, 1, 2, 3).float()
 
 
 def sync_distances(video_features, audio_features, vshift: int = VSHIFT):
@@ -204,9 +210,9 @@ def sync_distances(video_features, audio_features, vshift: int = VSHIFT):
     import torch.nn.functional as F
 
     padded = F.pad(audio_features, (0, 0, vshift, vshift))
-    windows = padded.unfold(0, 2 * vshift + 1, 1).transpose(1, 2)  # N x shifts x D
-    return F.pairwise_distance(video_features[:, None, :].expand_as(windows).reshape(-1, windows.shape[-1]),
-                               windows.reshape(-1, windows.shape[-1])).reshape(len(video_features), -1).to(torch.float32)
+    count = len(video_features)
+    return torch.stack([F.pairwise_distance(video_features, padded[shift:shift + count])
+                        for shift in range(2 * vshift + 1)], dim=1)
 
 
 def lse(face_frames, fps: float, audio, sample_rate: int, models_dir: str | os.PathLike,
@@ -232,17 +238,24 @@ def lse(face_frames, fps: float, audio, sample_rate: int, models_dir: str | os.P
     if last < 1:
         raise ValueError(f"lip sync needs at least {WINDOW_FRAMES + 1} frames (0.24 s) of face video and audio; "
                          f"got {len(frames)} frames at 25 fps and {len(pcm) / SYNCNET_RATE:.2f} s of audio")
-    video = _face_windows(frames[:min_length])
+    faces = _faces_bgr(frames[:min_length])
     cepstra = torch.from_numpy(mfcc(pcm).astype(np.float32))[None, None]
     video_features, audio_features = [], []
     with torch.no_grad():
         for start in range(0, last, batch_size):
             span = range(start, min(last, start + batch_size))
-            lips = torch.cat([video[:, :, v:v + WINDOW_FRAMES] for v in span]).to(device)
+            lips = _lip_windows(faces, span).to(device)
             video_features.append(model.forward_lip(lips).cpu())
             sounds = torch.cat([cepstra[:, :, :, v * MFCC_PER_FRAME:v * MFCC_PER_FRAME + MFCC_WINDOW] for v in span])
             audio_features.append(model.forward_aud(sounds.to(device)).cpu())
-    dists = sync_distances(torch.cat(video_features), torch.cat(audio_features), vshift)
-    mean = dists.mean(0)
+    return sync_scores(sync_distances(torch.cat(video_features), torch.cat(audio_features), vshift), vshift)
+
+
+def sync_scores(dists, vshift: int = VSHIFT) -> dict:
+    """LSE-D, LSE-C and offset from `sync_distances`: the per-shift mean over windows, its
+    minimum, the median minus the minimum, and `vshift` minus the best shift's index."""
+    import torch
+
+    mean = torch.as_tensor(dists).mean(0)
     minval, minidx = torch.min(mean, 0)
     return {"LSE_D": float(minval), "LSE_C": float(torch.median(mean) - minval), "offset": int(vshift - minidx)}

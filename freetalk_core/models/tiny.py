@@ -91,7 +91,7 @@ def write_tiny_evaluation_models(models_dir: str | os.PathLike) -> Path:
     """
     import torch
 
-    from freetalk_core.evaluation.networks import alexnet_feature_shapes, lpips_head_shapes
+    from freetalk_core.evaluation.networks import alexnet_feature_shapes, lpips_head_shapes, quiet_torchscript
     from freetalk_core.evaluation.syncnet import syncnet_shapes
 
     folder = Path(models_dir) / EVALUATION_DIR
@@ -99,8 +99,9 @@ def write_tiny_evaluation_models(models_dir: str | os.PathLike) -> Path:
     generator = torch.Generator().manual_seed(TINY_SEED)
     torch.manual_seed(TINY_SEED)
     inception, i3d = _tiny_feature_networks()
-    torch.jit.save(torch.jit.script(inception()), str(folder / EVALUATION_FILES["inception"]["file"]))
-    torch.jit.save(torch.jit.script(i3d()), str(folder / EVALUATION_FILES["i3d"]["file"]))
+    with quiet_torchscript():
+        torch.jit.save(torch.jit.script(inception()), str(folder / EVALUATION_FILES["inception"]["file"]))
+        torch.jit.save(torch.jit.script(i3d()), str(folder / EVALUATION_FILES["i3d"]["file"]))
 
     alexnet = {k: _hankel_random(s, generator) for k, s in {**alexnet_feature_shapes(), **ALEXNET_CLASSIFIER_SHAPES}.items()}
     torch.save(alexnet, folder / EVALUATION_FILES["alexnet"]["file"])
