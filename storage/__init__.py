@@ -3,6 +3,6 @@
 This package is the only code that knows paths inside a store.
 """
 
-from storage.store import ITEM_STATUSES, STAGES, Store, sha256_file
+from storage.store import EVALUATION, ITEM_STATUSES, STAGES, Store, sha256_file
 
-__all__ = ["ITEM_STATUSES", "STAGES", "Store", "sha256_file"]
+__all__ = ["EVALUATION", "ITEM_STATUSES", "STAGES", "Store", "sha256_file"]

@@ -47,6 +47,9 @@ STAGES = (
     "optical_flow",
     "noise_filter",
 )
+EVALUATION = "evaluation"
+"""The item group `freetalk evaluate` keeps its measurements in (not a stage: no stage rows)."""
+GROUPS = (*STAGES, EVALUATION)
 ITEM_STATUSES = ("pending", "running", "interrupted", "done", "failed")
 HEARTBEAT_SECONDS = 5.0     # how often a live run rewrites its heartbeat
 STALE_AFTER_SECONDS = 60.0  # a run whose heartbeat is older than this is taken as dead
@@ -173,8 +176,8 @@ class Store:
 
     def stage_group(self, item_id: str, stage: str, *, reset: bool = False) -> zarr.Group:
         """The Zarr group of one stage of one item; `reset` empties it first."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        if stage not in GROUPS:
+            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(GROUPS)}")
         root = self.item_group(item_id, mode="a")
         if reset and stage in root:
             del root[stage]

@@ -11,6 +11,7 @@ from pathlib import Path
 from freetalk_core.errors import ModelFileError
 from freetalk_core.models.layout import (
     ARCFACE_CANDIDATES,
+    CLIP_VIT_H_CONFIG,
     EOS_DIR,
     EOS_FILES,
     EOS_HINT,
@@ -24,6 +25,9 @@ from freetalk_core.models.layout import (
     SD15_COMPONENTS,
     SD15_DIR,
     SD15_REPO,
+    SD15_TEXT_CONFIG,
+    SD15_UNET_CONFIG,
+    SD15_VAE_CONFIG,
     arcface_path,
     check_faceid_state_dict,
     faceid_path,
@@ -224,3 +228,51 @@ def format_description(models_dir: str | os.PathLike) -> str:
         state = "ok" if entry.present else "--"
         lines.append(f"  [{state}] {entry.path:48s} {entry.what}{'' if entry.present else ' (missing, optional)'}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full size or tiny
+
+FULL_SIZE_CONFIG = {
+    f"{SD15_DIR}/unet": ("block_out_channels", list(SD15_UNET_CONFIG["block_out_channels"])),
+    f"{SD15_DIR}/vae": ("block_out_channels", list(SD15_VAE_CONFIG["block_out_channels"])),
+    f"{SD15_DIR}/text_encoder": ("hidden_size", SD15_TEXT_CONFIG["hidden_size"]),
+    IMAGE_ENCODER_DIR: ("hidden_size", CLIP_VIT_H_CONFIG["hidden_size"]),
+}
+"""Folders whose config.json tells a full-size model from a tiny one: (key, full-size value)."""
+FULL_SIZE_MIN_BYTES = {"ip-adapter": 100_000_000, "insightface": 100_000_000, "inception": 50_000_000,
+                       "i3d": 25_000_000, "alexnet": 100_000_000, "syncnet": 25_000_000}
+"""Single-file checkpoints: the least size of the real file (FaceID-Plus ~156 MB, ArcFace
+w600k_r50 ~174 MB, Inception ~95 MB, I3D ~51 MB, AlexNet ~244 MB, SyncNet ~54 MB; their tiny
+stand-ins are a few MB at most)."""
+
+
+def model_sizes(models_dir: str | os.PathLike, faceid_variant: str = "plus") -> list[dict]:
+    """Each model the product runs: `{"part", "path", "full_size"}`, `full_size` True for the
+    real architecture, False for a tiny stand-in (its outputs mean nothing), None where absent."""
+    models_dir = Path(models_dir)
+    parts = []
+    for rel, (key, value) in FULL_SIZE_CONFIG.items():
+        config = models_dir / rel / "config.json"
+        try:
+            full = json.loads(config.read_text()).get(key) == value
+        except (OSError, ValueError):
+            full = None
+        parts.append({"part": rel, "path": str(config.parent), "full_size": full})
+    for part, path in (("ip-adapter", faceid_path(models_dir, faceid_variant)),
+                       ("insightface", _present(lambda: arcface_path(models_dir)))):
+        full = path.stat().st_size >= FULL_SIZE_MIN_BYTES[part] if path is not None and path.is_file() else None
+        parts.append({"part": part, "path": str(path) if path else "", "full_size": full})
+    for role, entry in EVALUATION_FILES.items():
+        path = models_dir / EVALUATION_DIR / entry["file"]
+        if path.is_file():  # optional: listed only where present
+            full = path.stat().st_size >= FULL_SIZE_MIN_BYTES[role] if role in FULL_SIZE_MIN_BYTES else None
+            parts.append({"part": f"{EVALUATION_DIR}/{entry['file']}", "path": str(path), "full_size": full})
+    return parts
+
+
+def _present(locate) -> Path | None:
+    try:
+        return locate()
+    except ModelFileError:
+        return None
