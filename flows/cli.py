@@ -244,7 +244,9 @@ def dataset(
         with prefect_api(), store_settings(store_dir):
             results = run(str(manifest), str(store_dir), str(models_dir), retry_failed=retry_failed,
                           keep=keep, **settings, **marking_settings(mark, label))
-            evaluation = run_evaluation(store_dir, store_dir / "evaluation") if evaluate else None
+            evaluation = (run_evaluation(store_dir, store_dir / "evaluation",
+                                         task_runner=dataset_task_runner(workers, dask_address))
+                          if evaluate else None)
     except typer.Exit:
         raise
     except KeyboardInterrupt:
@@ -368,6 +370,9 @@ def evaluate(
                                       "where an item's two inputs are one file."),
     models: Optional[Path] = typer.Option(None, help="Models directory [the one each item ran with, else "
                                           "$FREETALK_MODELS]."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Evaluate on this many local Dask worker "
+                                          "processes [one item at a time in this process]."),
+    dask_address: Optional[str] = typer.Option(None, help="Or on the workers of an existing Dask cluster."),
     verbose: bool = VERBOSE,
 ) -> None:
     """Metrics of every done item of STORE (PD, CSLD, PCLD, CPBD, MNP before and after the
@@ -376,10 +381,17 @@ def evaluate(
     configure_environment(verbose)
     from flows.runtime import prefect_api, store_settings
 
+    if workers and dask_address:
+        fail("give --workers or --dask-address, not both", 2)
     store_dir = resolve_store(store)
     try:
+        runner = None
+        if workers or dask_address:
+            from flows.dataset import dataset_task_runner
+
+            runner = dataset_task_runner(workers, dask_address)
         with prefect_api(), store_settings(store_dir):
-            summary = run_evaluation(store_dir, out, protocol, models)
+            summary = run_evaluation(store_dir, out, protocol, models, task_runner=runner)
     except KeyboardInterrupt:
         fail("interrupted; run the same command again", 130)
     except Exception as exc:  # noqa: BLE001 - one line here, the traceback in a log
@@ -389,13 +401,14 @@ def evaluate(
 
 
 def run_evaluation(store_dir: Path, out: Optional[Path], protocol: str = "auto",
-                   models: Optional[Path] = None) -> dict:
-    """The evaluate flow on a store, its outcome printed: the aggregate, one line per item not
-    evaluated (stderr), the report's path."""
+                   models: Optional[Path] = None, task_runner=None) -> dict:
+    """The evaluate flow on a store (on `task_runner`'s workers where given), its outcome
+    printed: the aggregate, one line per item not evaluated (stderr), the report's path."""
     from flows.evaluate import evaluate_store
     from freetalk_core.evaluation.report import TINY_WARNING, aggregate_rows
 
-    summary = evaluate_store(str(store_dir), str(out) if out else None, protocol, str(models) if models else None)
+    run = evaluate_store.with_options(task_runner=task_runner) if task_runner else evaluate_store
+    summary = run(str(store_dir), str(out) if out else None, protocol, str(models) if models else None)
     for item, reason in sorted(summary["failures"].items()):
         typer.echo(f"not evaluated: {item}: {reason}", err=True)
     if summary["not_done"]:

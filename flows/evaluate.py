@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from freetalk_core.errors import FreetalkError, one_line
 from freetalk_core.evaluation.metrics import aggregate
@@ -54,10 +55,11 @@ def _artifacts(results: list[dict], summary: dict[str, float], tiny: bool) -> No
                              description="freetalk evaluation: aggregate beside the paper's figures")
 
 
-@flow(name="evaluate", log_prints=False)
+@flow(name="evaluate", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def evaluate_store(store_dir: str, out_dir: str | None = None, protocol: str = "auto",
                    models: str | None = None) -> dict:
-    """Evaluate every done item of the store. Returns `{"results": [...], "aggregate": {...},
+    """Evaluate every done item of the store, one at a time (a dataset's run passes its Dask
+    task runner: then on its workers). Returns `{"results": [...], "aggregate": {...},
     "failures": {item: reason}, "not_done": {item: status}, "report": path or None, "tiny": bool}`
     (tiny: some model is a tiny random-weight stand-in)."""
     from freetalk_core.models import resolve_models_dir
@@ -69,10 +71,12 @@ def evaluate_store(store_dir: str, out_dir: str | None = None, protocol: str = "
     done = [item for item, state in states.items() if state == "done"]
     not_done = {item: state for item, state in states.items() if state != "done"}
     results, failures = [], {}
-    for item in done:
-        figures = str(Path(out_dir) / "items" / item) if out_dir else None
+    futures = {item: evaluate_item.submit(store_dir, item, protocol, models,
+                                          str(Path(out_dir) / "items" / item) if out_dir else None)
+               for item in done}
+    for item, future in futures.items():
         try:
-            results.append(evaluate_item(store_dir, item, protocol, models, figures))
+            results.append(future.result())
         except FreetalkError as exc:
             failures[item] = one_line(exc)
         except Exception as exc:  # noqa: BLE001 - one item's failure never stops the others

@@ -231,3 +231,24 @@ def test_the_report_page_renders_in_chromium_with_tables_figures_and_the_tiny_wa
     red = (image[..., 2] > 150) & (image[..., 1] < 40) & (image[..., 0] < 40)
     assert red.sum() > 5000
     print(f"report screenshot: {shot}")
+
+
+def test_the_evaluate_run_has_a_table_and_a_markdown_artifact(evaluated_store, prefect_server):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+            async with get_client() as client:
+                return {key: await client.read_artifacts(artifact_filter=ArtifactFilter(key={"any_": [key]}))
+                        for key in ("freetalk-evaluation", "freetalk-evaluation-items")}
+
+    found = asyncio.run(read())
+    markdown, table = found["freetalk-evaluation"], found["freetalk-evaluation-items"]
+    assert markdown and table
+    assert markdown[0].type == "markdown" and "paper HDTF" in markdown[0].data
+    assert "TINY RANDOM-WEIGHT MODELS" in markdown[0].data
+    assert table[0].type == "table" and "cross" in str(table[0].data) and "PCLD" in str(table[0].data)
