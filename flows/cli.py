@@ -408,16 +408,19 @@ def run_evaluation(store_dir: Path, out: Optional[Path], protocol: str = "auto",
     from freetalk_core.evaluation.report import TINY_WARNING, aggregate_rows
 
     run = evaluate_store.with_options(task_runner=task_runner) if task_runner else evaluate_store
-    summary = run(str(store_dir), str(out) if out else None, protocol, str(models) if models else None)
+    summary = run(str(store_dir), str(Path(out).resolve()) if out else None, protocol,
+                  str(Path(models).resolve()) if models else None)
     for item, reason in sorted(summary["failures"].items()):
         typer.echo(f"not evaluated: {item}: {reason}", err=True)
     if summary["not_done"]:
         typer.echo(f"{len(summary['not_done'])} item(s) not done, not evaluated", err=True)
     if summary["tiny"]:
         typer.echo(f"warning: {TINY_WARNING}", err=True)
-    for name, value, hdtf, crema in aggregate_rows(summary["aggregate"]):
-        name = name.replace(" &uarr;", " (higher better)").replace(" &darr;", " (lower better)")
-        typer.echo(f"{name:28s} {value:>10s}   paper HDTF {hdtf:>8s}  CREMA {crema:>8s}".replace("&ndash;", "-"))
+    typer.echo(f"{'metric':32s} {'this run':>10s} {'paper HDTF':>11s} {'CREMA':>8s}")
+    for row in aggregate_rows(summary["aggregate"]):
+        name, value, hdtf, crema = (c.replace("&ndash;", "-").replace(" &uarr;", " (higher better)")
+                                    .replace(" &darr;", " (lower better)") for c in row)
+        typer.echo(f"{name:32s} {value:>10s} {hdtf:>11s} {crema:>8s}")
     typer.echo(f"{len(summary['results'])} evaluated, {len(summary['failures'])} not evaluated ({store_dir})")
     if summary["report"]:
         typer.echo(f"report: {summary['report']}")

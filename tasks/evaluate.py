@@ -134,7 +134,7 @@ def _arcface(models_dir: Path, notes: list[str]):
     from freetalk_core.clip_embed import load_arcface
 
     try:
-        return load_cached("ArcFace", lambda: load_arcface(models_dir), models=models_dir,
+        return load_cached("arcface", lambda: load_arcface(models_dir), models=models_dir,
                            components=("insightface",))
     except ModelFileError as exc:
         notes.append(f"CSIM: {one_line(exc)}")
