@@ -230,6 +230,8 @@ def dataset(
                                                "(tcp://HOST:8786) instead of a local one."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try items that failed before again "
                                       "(else they are skipped and reported)."),
+    evaluate: bool = typer.Option(False, "--evaluate", help="Then evaluate every done item "
+                                  "(`freetalk evaluate`), the report in STORE/evaluation."),
     verbose: bool = VERBOSE,
     settings: dict = None,
 ) -> None:
@@ -251,6 +253,9 @@ def dataset(
         run = process_dataset.with_options(task_runner=dataset_task_runner(workers, dask_address))
         with prefect_api(), store_settings(store_dir):
             results = run(str(manifest), str(store_dir), str(models_dir), retry_failed=retry_failed, **settings)
+            evaluation = (run_evaluation(store_dir, store_dir / "evaluation",
+                                         task_runner=dataset_task_runner(workers, dask_address))
+                          if evaluate else None)
     except typer.Exit:
         raise
     except KeyboardInterrupt:
@@ -267,7 +272,7 @@ def dataset(
         typer.echo(f"skipped: {item_id}: {results[item_id]['error']}", err=True)
     typer.echo(f"{len(by_status.get('done', []))} done, {len(failed)} failed"
                + (f", {len(skipped)} held by another run" if skipped else "") + f" ({store_dir})")
-    if failed:
+    if failed or (evaluation is not None and evaluation["failures"]):
         raise typer.Exit(1)
 
 
@@ -350,6 +355,73 @@ def models_check(directory: Optional[Path] = typer.Argument(None, help="Models d
     if problems:
         raise typer.Exit(1)
     typer.echo(f"{directory}: all components present and usable")
+
+
+@app.command()
+def evaluate(
+    store: Optional[Path] = typer.Argument(None, help="Store [$FREETALK_STORE or ./freetalk-store]."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Report folder: index.html and its PNGs."),
+    protocol: str = typer.Option("auto", callback=lambda value: _choice("--protocol", value, ("auto", "self", "cross")),
+                                 help="self (identity = lip reference = ground truth), cross (lip metrics "
+                                      "against the lip reference, CSIM against the identity), or auto: self "
+                                      "where an item's two inputs are one file."),
+    models: Optional[Path] = typer.Option(None, help="Models directory [the one each item ran with, else "
+                                          "$FREETALK_MODELS]."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Evaluate on this many local Dask worker "
+                                          "processes [one item at a time in this process]."),
+    dask_address: Optional[str] = typer.Option(None, help="Or on the workers of an existing Dask cluster."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Metrics of every done item of STORE (PD, CSLD, PCLD, CPBD, MNP before and after the
+    filter, FID, LPIPS, FVD, LSE-C, LSE-D, CSIM) into its metrics table, and the report with -o.
+    Exit 1 when an item could not be evaluated or none is done."""
+    configure_environment(verbose)
+    from flows.runtime import prefect_api, store_settings
+
+    if workers and dask_address:
+        fail("give --workers or --dask-address, not both", 2)
+    store_dir = resolve_store(store)
+    try:
+        runner = None
+        if workers or dask_address:
+            from flows.dataset import dataset_task_runner
+
+            runner = dataset_task_runner(workers, dask_address)
+        with prefect_api(), store_settings(store_dir):
+            summary = run_evaluation(store_dir, out, protocol, models, task_runner=runner)
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again", 130)
+    except Exception as exc:  # noqa: BLE001 - one line here, the traceback in a log
+        fail_logged(exc, store_dir, "evaluate")
+    if summary["failures"] or not summary["results"]:
+        raise typer.Exit(1)
+
+
+def run_evaluation(store_dir: Path, out: Optional[Path], protocol: str = "auto",
+                   models: Optional[Path] = None, task_runner=None) -> dict:
+    """The evaluate flow on a store (on `task_runner`'s workers where given), its outcome
+    printed: the aggregate, one line per item not evaluated (stderr), the report's path."""
+    from flows.evaluate import evaluate_store
+    from freetalk_core.evaluation.report import TINY_WARNING, aggregate_rows
+
+    run = evaluate_store.with_options(task_runner=task_runner) if task_runner else evaluate_store
+    summary = run(str(store_dir), str(Path(out).resolve()) if out else None, protocol,
+                  str(Path(models).resolve()) if models else None)
+    for item, reason in sorted(summary["failures"].items()):
+        typer.echo(f"not evaluated: {item}: {reason}", err=True)
+    if summary["not_done"]:
+        typer.echo(f"{len(summary['not_done'])} item(s) not done, not evaluated", err=True)
+    if summary["tiny"]:
+        typer.echo(f"warning: {TINY_WARNING}", err=True)
+    typer.echo(f"{'metric':32s} {'this run':>10s} {'paper HDTF':>11s} {'CREMA':>8s}")
+    for row in aggregate_rows(summary["aggregate"]):
+        name, value, hdtf, crema = (c.replace("&ndash;", "-").replace(" &uarr;", " (higher better)")
+                                    .replace(" &darr;", " (lower better)") for c in row)
+        typer.echo(f"{name:32s} {value:>10s} {hdtf:>11s} {crema:>8s}")
+    typer.echo(f"{len(summary['results'])} evaluated, {len(summary['failures'])} not evaluated ({store_dir})")
+    if summary["report"]:
+        typer.echo(f"report: {summary['report']}")
+    return summary
 
 
 @app.command()

@@ -62,12 +62,8 @@ def lip_opening_curves(store: Store, item_id: str) -> dict[str, np.ndarray]:
     panels = panel_frames(store, item_id)
     for name in ("lip reference", "structure"):
         images = panels[name]
-        landmarks = np.full((images.shape[0], 68, 2), np.nan, np.float32)
-        for start in range(0, images.shape[0], 25):
-            for t, image in enumerate(images[start:start + 25], start):
-                found = detector.detect(image)
-                if found is not None:
-                    landmarks[t] = found
+        landmarks = np.concatenate([detector.detect_all(images[start:start + 25])
+                                    for start in range(0, images.shape[0], 25)])
         curves[name] = lip_opening(landmarks)
     return curves
 

@@ -153,17 +153,17 @@ def five_keypoints(landmarks: np.ndarray) -> np.ndarray:
     return np.stack([landmarks[..., list(group), :].mean(axis=-2) for group in FIVE_POINT_GROUPS], axis=-2)
 
 
-def identity_embedding(arcface, crops: np.ndarray, landmarks: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Mean of the L2-normalised ArcFace embeddings of the identity crops.
+def face_embeddings(arcface, crops: np.ndarray, landmarks: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """L2-normalised ArcFace embedding of each crop.
 
     Args:
         arcface: from `load_arcface`.
-        crops: `(T, H, W, 3)` uint8 RGB identity crops.
+        crops: `(T, H, W, 3)` uint8 RGB face crops.
         landmarks: `(T, 68, 2)` float32 iBUG-68 points in crop pixels; frames whose landmarks
-            are not finite (no face) are left out.
+            are not finite (no face) get a NaN row.
 
     Returns:
-        `(512,)` float32 (not renormalised: the mean of unit vectors, as METHOD.md states).
+        `(T, 512)` float64.
     """
     from insightface.utils import face_align
 
@@ -174,15 +174,31 @@ def identity_embedding(arcface, crops: np.ndarray, landmarks: np.ndarray, batch_
     if landmarks.shape != (len(crops), 68, 2):
         raise ValueError(f"landmarks must be ({len(crops)}, 68, 2), got {landmarks.shape}")
     usable = np.isfinite(landmarks).all(axis=(1, 2))
+    out = np.full((len(crops), 512), np.nan)
     if not usable.any():
-        raise NoFaceError("no identity frame has landmarks: cannot compute the identity embedding")
-    crops, keypoints = crops[usable], five_keypoints(landmarks[usable])
+        return out
+    keypoints = five_keypoints(landmarks[usable])
     size = arcface.input_size[0]
     # insightface works on BGR images (its blob step swaps back to RGB)
     aligned = [face_align.norm_crop(np.ascontiguousarray(crop[..., ::-1]), kps, image_size=size)
-               for crop, kps in zip(crops, keypoints)]
+               for crop, kps in zip(crops[usable], keypoints)]
     embeddings = np.concatenate(
         [arcface.get_feat(aligned[start : start + batch_size]) for start in range(0, len(aligned), batch_size)]
     ).astype(np.float64)
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings.mean(axis=0).astype(np.float32)
+    out = np.full((len(crops), embeddings.shape[1]), np.nan)
+    out[usable] = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return out
+
+
+def identity_embedding(arcface, crops: np.ndarray, landmarks: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Mean of the L2-normalised ArcFace embeddings of the identity crops (`face_embeddings`;
+    frames without landmarks left out).
+
+    Returns:
+        `(512,)` float32 (not renormalised: the mean of unit vectors, as METHOD.md states).
+    """
+    embeddings = face_embeddings(arcface, crops, landmarks, batch_size)
+    usable = np.isfinite(embeddings).all(axis=1)
+    if not usable.any():
+        raise NoFaceError("no identity frame has landmarks: cannot compute the identity embedding")
+    return embeddings[usable].mean(axis=0).astype(np.float32)

@@ -182,6 +182,13 @@ class LandmarkDetector:
         box = self.detect_box(frame, face_index, face_box)
         return None if box is None else self.predict(frame, box)
 
+    def detect_all(self, frames) -> np.ndarray:
+        """`(T, 68, 2)` float32 landmarks of the largest face in each of `frames` (a sequence
+        of `(H, W, 3)` uint8 images), NaN where none is found."""
+        found = [self.detect(frame) for frame in frames]
+        return np.stack([np.full((68, 2), np.nan, np.float32) if f is None else f for f in found]) \
+            if found else np.zeros((0, 68, 2), np.float32)
+
     def detect_near(self, frame: np.ndarray, box, face_px: float = 120.0) -> np.ndarray | None:
         """(4,) float64 detector box of the face near `box` (x0, y0, x1, y1) in frame px, or None.
 

@@ -326,6 +326,19 @@ def window_noise_patterns(read: FlowReader, n_flows: int, window: int, first: in
         yield t, pattern
 
 
+def clip_noise_pattern(read: FlowReader, n_flows: int, window: int, shift=None,
+                       block: int = FLOW_BLOCK) -> np.ndarray:
+    """The clip's noise pattern `(H, W)` float64: the mean over its frames of their local
+    (sliding-window) patterns, streamed. `shift`: the clip's mean flows (`flow_means`, computed
+    here when not given)."""
+    if shift is None:
+        shift = flow_means(read, n_flows, block)
+    total = None
+    for _, pattern in window_noise_patterns(read, n_flows, window, shift=shift, block=block):
+        total = pattern.astype(np.float64) if total is None else total + pattern
+    return total / (n_flows + 1)
+
+
 def ideal_flow_range(read: FlowReader, n_flows: int, window: int, start: int, stop: int,
                      shift=None, block: int = FLOW_BLOCK) -> np.ndarray:
     """`ideal_flow(g, r, window)[start:stop]` `(stop - start, H, W, 2)` float32, streamed:

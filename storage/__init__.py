@@ -5,7 +5,7 @@ stage and every stage's arrays.
 """
 
 from storage import arrays
-from storage.arrays import STAGES
+from storage.arrays import EVALUATION, STAGES
 from storage.store import ITEM_STATUSES, Store, sha256_file
 
-__all__ = ["ITEM_STATUSES", "STAGES", "Store", "arrays", "sha256_file"]
+__all__ = ["EVALUATION", "ITEM_STATUSES", "STAGES", "Store", "arrays", "sha256_file"]

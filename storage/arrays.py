@@ -14,6 +14,8 @@ Shapes are written in these sizes:
     N, D  CLIP image tokens and their width (257 x 1280 for ViT-H/14)
     K, E  3DMM shape and expression coefficients (63 and 6 for the SFM 3448)
 
+The evaluation's measurements have a group of their own (`EVALUATION`), declared the same way.
+
 Chunking: `FRAMES` arrays are chunked along the frame axis by the job's `chunk_frames` (the
 unit of caching and resume), one chunk holding whole frames; `TILED` ones are as `FRAMES`, each
 chunk of frames one shard of `MASK_TILE x MASK_TILE` pieces, all-zero pieces not stored (frames
@@ -38,6 +40,9 @@ NOISE_FILTER = "noise_filter"
 STAGES = (FACE_CROP, FIT_3DMM, STRUCTURE_RENDER, CLIP_EMBED, CONTROLLER, DIFFUSION, OPTICAL_FLOW,
           NOISE_FILTER)
 """The eight stages, in the order they run; each is one Zarr group per item."""
+EVALUATION = "evaluation"
+"""The item group `freetalk evaluate` keeps its measurements in (not a stage: no stage rows)."""
+GROUPS = (*STAGES, EVALUATION)
 
 ROLES = ("identity", "lip_ref")
 """The two input videos of an item."""
@@ -191,6 +196,15 @@ NOISE_PATTERN = _array(NOISE_FILTER, "noise_pattern", ("crop", "crop"), np.float
 FILTERED_FRAMES = _array(NOISE_FILTER, "frames", ("T", "crop", "crop", 3), np.uint8, TILED,
                          "filtered crops inside each frame's mouth mask, 0 outside it")
 
+# ----------------------------------------------------------------------------- evaluation
+FEATURES = {(kind, side): _array(EVALUATION, f"{kind}_{side}", (f"{kind}_rows", f"{kind}_width"), np.float32,
+                                 AUTO, f"{kind} features of the {side} frames (FID / FVD, pooled over items)")
+            for kind in ("inception", "i3d") for side in ("generated", "reference")}
+"""`FEATURES[(kind, side)]`: kind inception (a row per frame) or i3d (a row per clip), side
+generated or reference."""
+FILTERED_FLOW = _array(EVALUATION, "filtered_flow", ("F", "h", "w", 2), np.int16, FRAMES,
+                       "flow of the output crops in the mouth box (MNP after the filter), multiples of FLOW_STEP px")
+
 STAGE_ATTRS: dict[str, tuple[str, ...]] = {
     FACE_CROP: ("n_frames", "fps", "identity_source_frames", "lip_ref_source_frames",
                 "identity_frames_without_face", "identity_passthrough_frames",
@@ -201,9 +215,11 @@ STAGE_ATTRS: dict[str, tuple[str, ...]] = {
     CONTROLLER: ("anchor_index",),
     DIFFUSION: (),
     OPTICAL_FLOW: ("reference", "box"),
-    NOISE_FILTER: ("mnp", "output", "output_sha256", "marked", "watermark_id", "label"),
+    NOISE_FILTER: ("mnp", "output", "output_sha256", "marked", "watermark_id", "label", "statistics_window",
+                   "models"),
+    EVALUATION: ("protocol", "notes", "models"),
 }
-"""The attributes each stage's group may carry (small per-item results)."""
+"""The attributes each group may carry (small per-item results)."""
 
 
 def stage_arrays(stage: str) -> list[ArraySpec]:
@@ -213,6 +229,7 @@ def stage_arrays(stage: str) -> list[ArraySpec]:
 
 
 def check_stage(stage: str) -> str:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    """`stage` if it names an item group (a stage or EVALUATION); else ValueError."""
+    if stage not in GROUPS:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(GROUPS)}")
     return stage

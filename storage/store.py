@@ -156,6 +156,10 @@ class Store:
         path = self.item_path(item_id)
         return (path / check_stage(stage) / "zarr.json").exists()
 
+    def has_array(self, item_id: str, spec: ArraySpec) -> bool:
+        """The item holds the array of `spec`."""
+        return (self.item_path(item_id) / spec.stage / spec.name / "zarr.json").exists()
+
     def create_array(self, item_id: str, spec: ArraySpec, shape: tuple[int, ...],
                      chunk_frames: int | None = None) -> zarr.Array:
         """An empty array of the catalogue's `spec` (`storage.arrays`), replacing any old one:

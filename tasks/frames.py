@@ -13,6 +13,8 @@ from freetalk_core import CROP_SIZE, video
 from freetalk_core.face_crop import warp_to_crop
 from storage import Store, arrays
 
+CROP_ROLES = (*arrays.ROLES, "output")
+
 
 def mouth_box_frames(frames: np.ndarray, box) -> np.ndarray:
     """`frames (T, H, W, 3)` with everything outside the mouth `box` set to 0. Nothing reads
@@ -57,24 +59,28 @@ class SourceFrames:
 
 
 class Crops:
-    """The aligned `(T, 512, 512, 3) uint8` crops of one video of an item (`role` identity or
-    lip_ref), made on demand from the input video and the transforms `face_crop` stored (a crop is one
-    decode and one affine warp away: cheaper to redo than to keep, 0.55 MB per frame).
+    """The aligned `(T, 512, 512, 3) uint8` crops of one video of an item (`role` identity,
+    lip_ref, or output: the item's output video, cropped where its identity frames were), made
+    on demand from the video and the transforms `face_crop` stored (a crop is one decode and one
+    affine warp away: cheaper to redo than to keep, 0.55 MB per frame).
 
     `path`: the video (the job's; else the one the store's items table records).
     `crops[t]`, `crops[a:b]` and `take(frames)` decode what they need; `reader(ranges)` gives a
     chunk reader for `run_chunks` with one decoder through ranges asked for in order."""
 
     def __init__(self, store: Store, item_id: str, role: str, path: str | None = None):
-        if role not in arrays.ROLES:
-            raise ValueError(f"role must be identity or lip_ref, got {role!r}")
-        if path is None:  # the input the store recorded for the item
+        if role not in CROP_ROLES:
+            raise ValueError(f"role must be one of {', '.join(CROP_ROLES)}, got {role!r}")
+        if path is None:  # the video the store recorded for the item
             path = (store.item(item_id) or {}).get(role)
             if not path:
                 raise FileNotFoundError(f"the store records no {role} video for item {item_id!r}")
         self.path, self.fps = str(path), float(store.attrs(item_id, arrays.FACE_CROP)["fps"])
-        self.index = store.read(item_id, arrays.SOURCE_INDEX[role])
-        self.transforms = store.read(item_id, arrays.CROP_TRANSFORMS[role])
+        # The output's frames are the output frames themselves, cropped like the identity's.
+        source = "identity" if role == "output" else role
+        self.transforms = store.read(item_id, arrays.CROP_TRANSFORMS[source])
+        self.index = (np.arange(len(self.transforms)) if role == "output"
+                      else store.read(item_id, arrays.SOURCE_INDEX[role]))
         self.shape = (len(self.index), CROP_SIZE, CROP_SIZE, 3)
         self.dtype = np.dtype(np.uint8)
 

@@ -93,11 +93,7 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
             shift = noise_sensor.flow_means(read, n_flows, job.chunk_frames)
             store.write_array(item, arrays.FLOW_MEAN_GENERATED, shift[0])
             store.write_array(item, arrays.FLOW_MEAN_REFERENCE, shift[1])
-            total = np.zeros((y1 - y0, x1 - x0), np.float64)
-            for _, frame_pattern in noise_sensor.window_noise_patterns(read, n_flows, window, shift=shift,
-                                                                       block=job.chunk_frames):
-                total += frame_pattern
-            pattern[y0:y1, x0:x1] = total / (n_flows + 1)
+            pattern[y0:y1, x0:x1] = noise_sensor.clip_noise_pattern(read, n_flows, window, shift, job.chunk_frames)
         store.write_array(item, arrays.NOISE_PATTERN, pattern)
 
     run.setup(setup)
@@ -154,7 +150,8 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
             partial.unlink(missing_ok=True)
         store.record_metrics(item, {"watermarked": float(job.mark)})
         store.set_attrs(item, STAGE, mnp=float(mnp), output=str(output), output_sha256=sha256_file(output),
-                        marked=job.mark, watermark_id=provenance.watermark_id(job), label=job.label)
+                        marked=job.mark, watermark_id=provenance.watermark_id(job), label=job.label,
+                        statistics_window=int(window), models=job.models)
 
     run.finish(finish)
     return run.result()
