@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from freetalk_core import diffusion, models  # noqa: E402
 from freetalk_core.errors import ModelFileError  # noqa: E402
+from freetalk_core.models import layout, tiny  # noqa: E402
 
 PEAK_DENSE_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0}
 """Vendor peak dense fp16/bf16 tensor TFLOP/s by device name fragment, first match wins."""
@@ -45,26 +46,10 @@ def build_pipeline(size: str, device: torch.device, dtype: torch.dtype, workdir:
             models.write_tiny_models(workdir / "models")
         except ModelFileError:
             pass  # the eos files are not needed here; everything else was written
-        return diffusion.load_pipeline(workdir / "models", device=device, dtype=dtype), models.TINY_CLIP_VISION_CONFIG[
-            "hidden_size"]
+        pipe = diffusion.load_pipeline(workdir / "models", device=device, dtype=dtype)
+        return pipe, layout.TINY_CLIP_VISION_CONFIG["hidden_size"]
 
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    models.write_tiny_tokenizer(workdir / "tokenizer")
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**models.SD15_UNET_CONFIG)
-        vae = AutoencoderKL(**models.SD15_VAE_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**models.SD15_TEXT_CONFIG))
-    pipe = StableDiffusionInpaintPipeline(
-        vae=vae.to(dtype), text_encoder=text_encoder.to(dtype), tokenizer=CLIPTokenizer.from_pretrained(workdir / "tokenizer"),
-        unet=unet.to(dtype), scheduler=DPMSolverMultistepScheduler.from_config(models.SCHEDULER_CONFIG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    clip_hidden = models.CLIP_VIT_H_CONFIG["hidden_size"]
-    faceid = models.random_faceid_plus_state_dict(models.SD15_UNET_CONFIG, clip_hidden)
-    return diffusion.attach_faceid(pipe, faceid).to(device), clip_hidden
+    return tiny.full_size_random_pipeline(device, dtype, workdir)
 
 
 def make_inputs(n: int, clip_hidden: int, seed: int = 0):

@@ -18,8 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from freetalk_core import video  # noqa: E402
-from freetalk_core import face_crop as fc  # noqa: E402
+from freetalk_core import (
+    face_crop,  # noqa: E402
+    video,  # noqa: E402
+)
 from freetalk_core.errors import ModelFileError  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
@@ -31,7 +33,7 @@ def measure(detector, path: Path, frames: int, step: int) -> dict:
     found_whole = [detector.detect_box(frame) is not None for frame in clip[::step]]
     whole_ms = 1000 * (time.perf_counter() - start) / max(len(found_whole), 1)
     start = time.perf_counter()
-    _, found = fc.track_landmarks(iter(clip), detector)
+    _, found = face_crop.track_landmarks(iter(clip), detector)
     track_ms = 1000 * (time.perf_counter() - start) / max(len(clip), 1)
     return {"size": f"{clip.shape[2]}x{clip.shape[1]}", "detected": sum(found_whole) / len(found_whole),
             "tracked": float(found.mean()), "detect_ms": whole_ms, "track_ms": track_ms}
@@ -44,10 +46,10 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    detectors = {"dlib": fc.make_detector("dlib")}
+    detectors = {"dlib": face_crop.make_detector("dlib")}
     if args.models is not None:
         try:
-            detectors["insightface"] = fc.make_detector("insightface", args.models)
+            detectors["insightface"] = face_crop.make_detector("insightface", args.models)
         except ModelFileError as exc:
             print(f"insightface not measured: {exc}")
         else:

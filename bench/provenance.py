@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from freetalk_core import provenance, video  # noqa: E402
-from freetalk_core.provenance import watermark as wm  # noqa: E402
+from freetalk_core.provenance import watermark  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
 CLIPS = ["SadTalker__WDA_KatieHill_000.mp4", "LatentSync__demo1_video.mp4"]
@@ -74,14 +74,14 @@ def timed(fn, items) -> tuple[list, float]:
 
 
 def bench_freetalk(frames: list[np.ndarray]) -> dict:
-    wid = wm.watermark_id_for("bench-item")
-    wm.embed(frames[0], wid)  # pattern tables built once per process
-    marked, embed_ms = timed(lambda f: wm.embed(f, wid), frames)
-    _, detect_ms = timed(wm.frame_votes, marked)
+    wid = watermark.watermark_id_for("bench-item")
+    watermark.embed(frames[0], wid)  # pattern tables built once per process
+    marked, embed_ms = timed(lambda f: watermark.embed(f, wid), frames)
+    _, detect_ms = timed(watermark.frame_votes, marked)
     result = {"embed_ms": embed_ms, "detect_ms": detect_ms,
               "psnr_db": float(np.mean([psnr(m, f) for m, f in zip(marked, frames)]))}
     for name, crf, scale in (("crf28", 28, 1.0), ("half_crf23", 23, 0.5), ("half_crf28", 28, 0.5)):
-        d = wm.detect(transcode(marked, crf, scale))
+        d = watermark.detect(transcode(marked, crf, scale))
         result[name] = {"id_exact": d.watermark_id == wid, "confidence": d.confidence}
     return result
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -16,18 +18,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Set up and check model chec
 app.add_typer(models_app, name="models")
 
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show Prefect's logs.")
-MARK = typer.Option(True, "--mark/--no-mark", help="Invisible watermark in every output (default). "
-                    "--no-mark is for research evaluation runs only; it is recorded in the store.")
-LABEL = typer.Option(None, "--label", help="Visible label drawn on every output frame, e.g. 'AI-generated'.")
-
-
-def marking_settings(mark: bool, label: Optional[str]) -> dict:
-    """Job settings for the marking options (only what differs from the defaults, so item
-    ids stay those of a default run); warns about --no-mark."""
-    if not mark:
-        typer.echo("warning: --no-mark: outputs carry no invisible watermark (the C2PA manifest "
-                   "is still embedded; the store records the run as unmarked)", err=True)
-    return {**({} if mark else {"mark": False}), **({"label": label} if label else {})}
+STORE = typer.Option(None, help="Store directory [$FREETALK_STORE or ./freetalk-store].")
+MODELS = typer.Option(None, help="Models directory [$FREETALK_MODELS].")
 
 # Generation options shared by `generate` and `dataset`.
 Steps = Annotated[int, typer.Option(min=1, help="DPM-Solver++ steps.")]
@@ -57,14 +49,55 @@ FaceBox = Annotated[Optional[str], typer.Option(help="Or the identity's face who
 Detector = Annotated[str, typer.Option(
     callback=lambda value: _choice("--detector", value, ("dlib", "insightface")),
     help="Face detector: dlib (offline default) or insightface (MODELS/insightface/det_10g.onnx of buffalo_l).")]
+Mark = Annotated[bool, typer.Option("--mark/--no-mark", help="Invisible watermark in every output (default). "
+                                    "--no-mark is for research evaluation runs only; it is recorded in the store.")]
+Label = Annotated[Optional[str], typer.Option(help="Visible label drawn on every output frame, e.g. 'AI-generated'.")]
+
+
+def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+GENERATION_OPTIONS = (
+    _option("keep", Keep, "all"), _option("steps", Steps, 20), _option("guidance", Guidance, 7.5),
+    _option("seed", Seed, 42), _option("batch_size", BatchSize, None), _option("device", Device, "auto"),
+    _option("kernel_size", KernelSize, 5), _option("flow_reference", FlowReference, "structure"),
+    _option("filter_along_motion", FilterAlongMotion, True), _option("fps", Fps, None),
+    _option("noise_window", NoiseWindow, 100), _option("faceid_variant", FaceIdVariant, "plus"),
+    _option("ip_scale", IpScale, 1.0), _option("lambda_range", LambdaRange, (0.5, 2.0)),
+    _option("face_index", FaceIndex, 0), _option("face_box", FaceBox, None), _option("detector", Detector, "dlib"),
+    _option("mark", Mark, True), _option("label", Label, None),
+)
+"""The options `generate` and `dataset` share (`with_generation_options`)."""
+
+
+def with_generation_options(command: Callable) -> Callable:
+    """`command` with `GENERATION_OPTIONS` after its own parameters on the command line; it
+    gets them as one `settings` dict (`generation_settings`) in place of its `settings` parameter."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "settings"]
+    names = [p.name for p in GENERATION_OPTIONS]
+
+    @functools.wraps(command)
+    def with_settings(**values):
+        settings = generation_settings(**{name: values.pop(name) for name in names})
+        return command(**values, settings=settings)
+
+    parameters = own + list(GENERATION_OPTIONS)
+    with_settings.__signature__ = inspect.Signature(parameters)
+    with_settings.__annotations__ = {p.name: p.annotation for p in parameters}
+    return with_settings
 
 
 def generation_settings(steps: int, guidance: float, seed: int, batch_size: Optional[int], device: str,
                         kernel_size: int, flow_reference: str, filter_along_motion: bool, noise_window: int,
                         faceid_variant: str, ip_scale: float, lambda_range: tuple[float, float],
                         face_index: int = 0, face_box: Optional[str] = None, detector: str = "dlib",
-                        fps: Optional[float] = None) -> dict:
-    """The generation options as flow settings; a bad value exits with status 2 and one line."""
+                        fps: Optional[float] = None, keep: str = "all", mark: bool = True,
+                        label: Optional[str] = None) -> dict:
+    """The generation options as flow settings; a bad value exits with status 2 and one line.
+
+    Of the marking options only what differs from the defaults is set, so item ids stay those
+    of a default run; --no-mark is warned about."""
     if fps is not None and not fps > 0:
         fail(f"--fps must be a positive frame rate, got {fps}", 2)
     if device not in ("auto", "cpu", "cuda"):
@@ -82,7 +115,15 @@ def generation_settings(steps: int, guidance: float, seed: int, batch_size: Opti
                 filter_along_motion=filter_along_motion, noise_window=noise_window,
                 faceid_variant=faceid_variant, ip_adapter_scale=ip_scale, lambda_range=tuple(lambda_range),
                 face_index=face_index, face_box=parse_face_box(face_box), detector=detector,
-                fps=fps)
+                fps=fps, keep=keep, **marking_settings(mark, label))
+
+
+def marking_settings(mark: bool, label: Optional[str]) -> dict:
+    """Job settings for the marking options that differ from the defaults; warns about --no-mark."""
+    if not mark:
+        typer.echo("warning: --no-mark: outputs carry no invisible watermark (the C2PA manifest "
+                   "is still embedded; the store records the run as unmarked)", err=True)
+    return {**({} if mark else {"mark": False}), **({"label": label} if label else {})}
 
 
 def parse_face_box(text: Optional[str]) -> Optional[tuple[float, float, float, float]]:
@@ -123,6 +164,16 @@ def fail_logged(exc: BaseException, store: Path, log_name: str) -> None:
          f"file if it persists)")
 
 
+def or_fail(action: Callable[[], Any]) -> Any:
+    """`action()`; a FreetalkError (a problem the user can fix) exits 1 with its message."""
+    from freetalk_core.errors import FreetalkError
+
+    try:
+        return action()
+    except FreetalkError as exc:
+        fail(str(exc))
+
+
 def _models_dir(models: Optional[Path]) -> Path:
     from freetalk_core.models import resolve_models_dir
 
@@ -130,49 +181,28 @@ def _models_dir(models: Optional[Path]) -> Path:
 
 
 @app.command()
+@with_generation_options
 def generate(
     identity: Path = typer.Argument(..., help="Video of the person who should speak."),
     lip_ref: Path = typer.Argument(..., help="Video of anyone speaking the wanted words."),
     out: Path = typer.Option(..., "-o", "--out", help="Output MP4."),
     audio: Optional[Path] = typer.Option(None, help="Audio to use instead of the lip reference's."),
-    store: Optional[Path] = typer.Option(None, help="Store directory [$FREETALK_STORE or ./freetalk-store]."),
-    models: Optional[Path] = typer.Option(None, help="Models directory [$FREETALK_MODELS]."),
-    steps: Steps = 20,
-    guidance: Guidance = 7.5,
-    seed: Seed = 42,
-    batch_size: BatchSize = None,
-    device: Device = "auto",
-    kernel_size: KernelSize = 5,
-    flow_reference: FlowReference = "structure",
-    filter_along_motion: FilterAlongMotion = True,
-    fps: Fps = None,
-    noise_window: NoiseWindow = 100,
-    faceid_variant: FaceIdVariant = "plus",
-    ip_scale: IpScale = 1.0,
-    lambda_range: LambdaRange = (0.5, 2.0),
-    face_index: FaceIndex = 0,
-    face_box: FaceBox = None,
-    detector: Detector = "dlib",
-    keep: Keep = "all",
+    store: Optional[Path] = STORE,
+    models: Optional[Path] = MODELS,
     preview: bool = typer.Option(False, help="Also write side-by-side previews next to OUT."),
-    mark: bool = MARK,
-    label: Optional[str] = LABEL,
     verbose: bool = VERBOSE,
+    settings: dict = None,
 ) -> None:
     """Make IDENTITY speak with the lip motion of LIP_REF. On failure: exit 1 and one line on
     stderr naming the log file with the details."""
     configure_environment(verbose)
-    settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
-                                   filter_along_motion, noise_window, faceid_variant, ip_scale, lambda_range,
-                                   face_index, face_box, detector, fps)
-    if preview and keep == "final":
+    if preview and settings["keep"] == "final":
         fail("--preview needs the stage arrays: use it with --keep all", 2)
     store_dir = resolve_store(store)
     job = None
     try:
         models_dir = _models_dir(models)
-        job = pair_job(identity, lip_ref, audio=audio, store=store_dir, models=models_dir, keep=keep,
-                       **settings, **marking_settings(mark, label))
+        job = pair_job(identity, lip_ref, audio=audio, store=store_dir, models=models_dir, **settings)
         result = run_job(job, out, show_progress=not verbose)
         if preview:
             from flows.preview import write_previews
@@ -189,43 +219,25 @@ def generate(
 
 
 @app.command()
+@with_generation_options
 def dataset(
     manifest: Path = typer.Argument(..., help="CSV or Parquet: item_id, identity, lip_ref[, audio]."),
-    store: Optional[Path] = typer.Option(None, help="Store directory [$FREETALK_STORE or ./freetalk-store]."),
-    models: Optional[Path] = typer.Option(None, help="Models directory [$FREETALK_MODELS]."),
+    store: Optional[Path] = STORE,
+    models: Optional[Path] = MODELS,
     workers: Optional[int] = typer.Option(None, min=1, help="Local Dask worker processes [one per core; "
                                           "one per GPU on CUDA hosts with dask-cuda]."),
     dask_address: Optional[str] = typer.Option(None, help="Scheduler of an existing Dask cluster "
                                                "(tcp://HOST:8786) instead of a local one."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try items that failed before again "
                                       "(else they are skipped and reported)."),
-    keep: Keep = "all",
-    steps: Steps = 20,
-    guidance: Guidance = 7.5,
-    seed: Seed = 42,
-    batch_size: BatchSize = None,
-    device: Device = "auto",
-    kernel_size: KernelSize = 5,
-    flow_reference: FlowReference = "structure",
-    filter_along_motion: FilterAlongMotion = True,
-    fps: Fps = None,
-    noise_window: NoiseWindow = 100,
-    faceid_variant: FaceIdVariant = "plus",
-    ip_scale: IpScale = 1.0,
-    lambda_range: LambdaRange = (0.5, 2.0),
-    face_index: FaceIndex = 0,
-    face_box: FaceBox = None,
-    detector: Detector = "dlib",
-    mark: bool = MARK,
-    label: Optional[str] = LABEL,
+    evaluate: bool = typer.Option(False, "--evaluate", help="Then evaluate every done item "
+                                  "(`freetalk evaluate`), the report in STORE/evaluation."),
     verbose: bool = VERBOSE,
+    settings: dict = None,
 ) -> None:
     """Generate every pair of MANIFEST not already done, across Dask workers; failures are
     recorded with a one-line reason, the rest goes on; exit 1 if anything failed."""
     configure_environment(verbose)
-    settings = generation_settings(steps, guidance, seed, batch_size, device, kernel_size, flow_reference,
-                                   filter_along_motion, noise_window, faceid_variant, ip_scale, lambda_range,
-                                   face_index, face_box, detector, fps)
     if workers and dask_address:
         fail("give --workers or --dask-address, not both", 2)
     from flows.dataset import dataset_task_runner, process_dataset
@@ -240,8 +252,10 @@ def dataset(
             raise_model_problems(models_dir, missing)
         run = process_dataset.with_options(task_runner=dataset_task_runner(workers, dask_address))
         with prefect_api(), store_settings(store_dir):
-            results = run(str(manifest), str(store_dir), str(models_dir), retry_failed=retry_failed,
-                          keep=keep, **settings, **marking_settings(mark, label))
+            results = run(str(manifest), str(store_dir), str(models_dir), retry_failed=retry_failed, **settings)
+            evaluation = (run_evaluation(store_dir, store_dir / "evaluation",
+                                         task_runner=dataset_task_runner(workers, dask_address))
+                          if evaluate else None)
     except typer.Exit:
         raise
     except KeyboardInterrupt:
@@ -258,7 +272,7 @@ def dataset(
         typer.echo(f"skipped: {item_id}: {results[item_id]['error']}", err=True)
     typer.echo(f"{len(by_status.get('done', []))} done, {len(failed)} failed"
                + (f", {len(skipped)} held by another run" if skipped else "") + f" ({store_dir})")
-    if failed:
+    if failed or (evaluation is not None and evaluation["failures"]):
         raise typer.Exit(1)
 
 
@@ -312,13 +326,9 @@ def status(
 def models_tiny(directory: Path = typer.Argument(..., help="Where to write the tiny models.")) -> None:
     """Write tiny random-weight checkpoints in the real on-disk formats (for tests and demos)."""
     configure_environment()
-    from freetalk_core.errors import FreetalkError
     from freetalk_core.models import write_tiny_models
 
-    try:
-        write_tiny_models(directory)
-    except FreetalkError as exc:
-        fail(str(exc))
+    or_fail(lambda: write_tiny_models(directory))
     typer.echo(f"tiny models written to {directory} (random weights: outputs are noise by design)")
 
 
@@ -326,26 +336,18 @@ def models_tiny(directory: Path = typer.Argument(..., help="Where to write the t
 def models_download(directory: Path = typer.Argument(..., help="Where to put the real checkpoints.")) -> None:
     """Download the real checkpoints (needs internet), verified by checksum."""
     configure_environment()
-    from freetalk_core.errors import FreetalkError
     from freetalk_core.models import download_models
 
-    try:
-        download_models(directory)
-    except FreetalkError as exc:
-        fail(str(exc))
+    or_fail(lambda: download_models(directory))
 
 
 @models_app.command("check")
 def models_check(directory: Optional[Path] = typer.Argument(None, help="Models directory [$FREETALK_MODELS].")) -> None:
     """Say what is present, what is missing and what is wrong; exit 1 on any problem."""
     configure_environment()
-    from freetalk_core.errors import FreetalkError
     from freetalk_core.models import check_models, format_description
 
-    try:
-        directory = _models_dir(directory)
-    except FreetalkError as exc:
-        fail(str(exc))
+    directory = or_fail(lambda: _models_dir(directory))
     typer.echo(format_description(directory))
     problems = check_models(directory)
     for problem in problems:
@@ -353,6 +355,73 @@ def models_check(directory: Optional[Path] = typer.Argument(None, help="Models d
     if problems:
         raise typer.Exit(1)
     typer.echo(f"{directory}: all components present and usable")
+
+
+@app.command()
+def evaluate(
+    store: Optional[Path] = typer.Argument(None, help="Store [$FREETALK_STORE or ./freetalk-store]."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Report folder: index.html and its PNGs."),
+    protocol: str = typer.Option("auto", callback=lambda value: _choice("--protocol", value, ("auto", "self", "cross")),
+                                 help="self (identity = lip reference = ground truth), cross (lip metrics "
+                                      "against the lip reference, CSIM against the identity), or auto: self "
+                                      "where an item's two inputs are one file."),
+    models: Optional[Path] = typer.Option(None, help="Models directory [the one each item ran with, else "
+                                          "$FREETALK_MODELS]."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Evaluate on this many local Dask worker "
+                                          "processes [one item at a time in this process]."),
+    dask_address: Optional[str] = typer.Option(None, help="Or on the workers of an existing Dask cluster."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Metrics of every done item of STORE (PD, CSLD, PCLD, CPBD, MNP before and after the
+    filter, FID, LPIPS, FVD, LSE-C, LSE-D, CSIM) into its metrics table, and the report with -o.
+    Exit 1 when an item could not be evaluated or none is done."""
+    configure_environment(verbose)
+    from flows.runtime import prefect_api, store_settings
+
+    if workers and dask_address:
+        fail("give --workers or --dask-address, not both", 2)
+    store_dir = resolve_store(store)
+    try:
+        runner = None
+        if workers or dask_address:
+            from flows.dataset import dataset_task_runner
+
+            runner = dataset_task_runner(workers, dask_address)
+        with prefect_api(), store_settings(store_dir):
+            summary = run_evaluation(store_dir, out, protocol, models, task_runner=runner)
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again", 130)
+    except Exception as exc:  # noqa: BLE001 - one line here, the traceback in a log
+        fail_logged(exc, store_dir, "evaluate")
+    if summary["failures"] or not summary["results"]:
+        raise typer.Exit(1)
+
+
+def run_evaluation(store_dir: Path, out: Optional[Path], protocol: str = "auto",
+                   models: Optional[Path] = None, task_runner=None) -> dict:
+    """The evaluate flow on a store (on `task_runner`'s workers where given), its outcome
+    printed: the aggregate, one line per item not evaluated (stderr), the report's path."""
+    from flows.evaluate import evaluate_store
+    from freetalk_core.evaluation.report import TINY_WARNING, aggregate_rows
+
+    run = evaluate_store.with_options(task_runner=task_runner) if task_runner else evaluate_store
+    summary = run(str(store_dir), str(Path(out).resolve()) if out else None, protocol,
+                  str(Path(models).resolve()) if models else None)
+    for item, reason in sorted(summary["failures"].items()):
+        typer.echo(f"not evaluated: {item}: {reason}", err=True)
+    if summary["not_done"]:
+        typer.echo(f"{len(summary['not_done'])} item(s) not done, not evaluated", err=True)
+    if summary["tiny"]:
+        typer.echo(f"warning: {TINY_WARNING}", err=True)
+    typer.echo(f"{'metric':32s} {'this run':>10s} {'paper HDTF':>11s} {'CREMA':>8s}")
+    for row in aggregate_rows(summary["aggregate"]):
+        name, value, hdtf, crema = (c.replace("&ndash;", "-").replace(" &uarr;", " (higher better)")
+                                    .replace(" &darr;", " (lower better)") for c in row)
+        typer.echo(f"{name:32s} {value:>10s} {hdtf:>11s} {crema:>8s}")
+    typer.echo(f"{len(summary['results'])} evaluated, {len(summary['failures'])} not evaluated ({store_dir})")
+    if summary["report"]:
+        typer.echo(f"report: {summary['report']}")
+    return summary
 
 
 @app.command()
@@ -382,13 +451,9 @@ def demo(
     """The main job on embedded defaults: tiny models, a built-in pair, output and previews."""
     configure_environment(verbose)
     from flows.demo import run_demo
-    from freetalk_core.errors import FreetalkError
 
-    try:
-        written = run_demo(out_dir, identity=identity, lip_ref=lip_ref, models=models,
-                           seconds=seconds, show_progress=not verbose)
-    except FreetalkError as exc:
-        fail(str(exc))
+    written = or_fail(lambda: run_demo(out_dir, identity=identity, lip_ref=lip_ref, models=models,
+                                       seconds=seconds, show_progress=not verbose))
     for path in written:
         typer.echo(str(path))
 

@@ -31,13 +31,14 @@ from flows.generate import begin_item, complete_item, make_job, run_stages, stag
 from flows.runtime import store_settings
 from freetalk_core.errors import FreetalkError
 from storage import STAGES, Store
+from storage.arrays import DIFFUSION, NOISE_FILTER
 from storage.store import check_item_id
 from tasks.common import MODEL_PARTS, ItemJob, StageRef, model_loads, models_fingerprint, one_line
 
 REQUIRED_COLUMNS = ("item_id", "identity", "lip_ref")
-PREPARE_STAGES = STAGES[:STAGES.index("diffusion")]
-GPU_STAGES = ("diffusion",)
-FINISH_STAGES = STAGES[STAGES.index("diffusion") + 1:]
+PREPARE_STAGES = STAGES[:STAGES.index(DIFFUSION)]
+GPU_STAGES = (DIFFUSION,)
+FINISH_STAGES = STAGES[STAGES.index(DIFFUSION) + 1:]
 GPU = {"GPU": 1}
 """The Dask resource a diffusion task holds: local workers declare one each; on a scheduler
 given by address, workers started with `--resources GPU=1` take the diffusion tasks."""
@@ -370,7 +371,7 @@ def done_as_asked(current: dict, row: dict, store: Store, models: str, settings:
                        **settings)
     except Exception:  # noqa: BLE001 - an input gone since: the item's own tasks say why
         return False
-    return current.get("output_key") == stage_keys(job, fingerprints)["noise_filter"]
+    return current.get("output_key") == stage_keys(job, fingerprints)[NOISE_FILTER]
 
 
 def _row_problem(row: dict) -> str | None:

@@ -13,6 +13,16 @@ from flows.inputs import check_input
 from freetalk_core import video
 from freetalk_core.errors import FreetalkError, VideoReadError
 from storage import Store, sha256_file
+from storage.arrays import (
+    CLIP_EMBED,
+    CONTROLLER,
+    DIFFUSION,
+    FACE_CROP,
+    FIT_3DMM,
+    NOISE_FILTER,
+    OPTICAL_FLOW,
+    STRUCTURE_RENDER,
+)
 from tasks.chunks import FINISH
 from tasks.clip_embed import clip_embed
 from tasks.common import KEEP_CHOICES, ItemJob, StageRef, models_fingerprint, one_line, progress, stage_key
@@ -24,17 +34,17 @@ from tasks.noise_filter import noise_filter
 from tasks.optical_flow import optical_flow
 from tasks.structure_render import structure_render
 
-STAGE_TASKS = {"face_crop": face_crop, "fit_3dmm": fit_3dmm, "structure_render": structure_render,
-               "clip_embed": clip_embed, "controller": controller, "diffusion": diffusion,
-               "optical_flow": optical_flow, "noise_filter": noise_filter}
+STAGE_TASKS = {FACE_CROP: face_crop, FIT_3DMM: fit_3dmm, STRUCTURE_RENDER: structure_render,
+               CLIP_EMBED: clip_embed, CONTROLLER: controller, DIFFUSION: diffusion,
+               OPTICAL_FLOW: optical_flow, NOISE_FILTER: noise_filter}
 """The task of each stage, in the order they run."""
 
 UPSTREAM = {
-    "face_crop": [], "fit_3dmm": ["face_crop"], "structure_render": ["face_crop", "fit_3dmm"],
-    "clip_embed": ["face_crop", "structure_render"], "controller": ["face_crop", "clip_embed"],
-    "diffusion": ["face_crop", "clip_embed", "controller"],
-    "optical_flow": ["face_crop", "structure_render", "diffusion"],
-    "noise_filter": ["face_crop", "diffusion", "optical_flow"],
+    FACE_CROP: [], FIT_3DMM: [FACE_CROP], STRUCTURE_RENDER: [FACE_CROP, FIT_3DMM],
+    CLIP_EMBED: [FACE_CROP, STRUCTURE_RENDER], CONTROLLER: [FACE_CROP, CLIP_EMBED],
+    DIFFUSION: [FACE_CROP, CLIP_EMBED, CONTROLLER],
+    OPTICAL_FLOW: [FACE_CROP, STRUCTURE_RENDER, DIFFUSION],
+    NOISE_FILTER: [FACE_CROP, DIFFUSION, OPTICAL_FLOW],
 }
 """What each stage reads: its inputs, in call order, and the keys its own key is chained to."""
 
@@ -103,19 +113,19 @@ def stage_keys(job: ItemJob, fingerprints: dict[str, str] | None = None) -> dict
     fp = lambda *parts: [known.get(p) or models_fingerprint(models, p) for p in parts]  # noqa: E731
     params = {
         # The rate the item is made at (the identity's unless chosen): a new rate, new frames.
-        "face_crop": {"identity": job.identity_sha256, "lip_ref": job.lip_ref_sha256,
+        FACE_CROP: {"identity": job.identity_sha256, "lip_ref": job.lip_ref_sha256,
                       "audio": job.audio_sha256, "fps": job.fps,
                       "face_index": job.face_index, "face_box": job.face_box, "detector": job.detector,
                       **({"detector_model": fp("insightface")} if job.detector != "dlib" else {})},
-        "fit_3dmm": {"eos": fp("eos")},
-        "structure_render": {"eos": fp("eos")},
-        "clip_embed": {"models": fp("image_encoder", "insightface")},
-        "controller": {"lambda_range": list(job.lambda_range)},
-        "diffusion": {"models": fp("sd15-inpainting", "ip-adapter"), "steps": job.steps,
+        FIT_3DMM: {"eos": fp("eos")},
+        STRUCTURE_RENDER: {"eos": fp("eos")},
+        CLIP_EMBED: {"models": fp("image_encoder", "insightface")},
+        CONTROLLER: {"lambda_range": list(job.lambda_range)},
+        DIFFUSION: {"models": fp("sd15-inpainting", "ip-adapter"), "steps": job.steps,
                       "guidance": job.guidance, "seed": job.seed, "ip": job.ip_adapter_scale,
                       "faceid": job.faceid_variant},
-        "optical_flow": {"reference": job.flow_reference},
-        "noise_filter": {"kernel_size": job.kernel_size, "window": job.noise_window,
+        OPTICAL_FLOW: {"reference": job.flow_reference},
+        NOISE_FILTER: {"kernel_size": job.kernel_size, "window": job.noise_window,
                          "along_motion": job.filter_along_motion,
                          "audio": job.audio_sha256, "mark": job.mark, "label": job.label},
     }
@@ -131,7 +141,7 @@ def finished_before(store: Store, job: ItemJob, keys: dict[str, str]) -> bool:
     The keys chain, so that key stands for every stage's inputs and settings: nothing needs
     to run, even when `keep="final"` dropped the intermediate arrays."""
     return (store.output_path(job.item_id).exists()
-            and FINISH in store.done_chunks(job.item_id, "noise_filter", keys["noise_filter"]))
+            and FINISH in store.done_chunks(job.item_id, NOISE_FILTER, keys[NOISE_FILTER]))
 
 
 @flow(name="generate", flow_run_name="generate[{job.item_id}]", log_prints=True)
@@ -162,7 +172,7 @@ def run_stages(job: ItemJob, keys: dict[str, str], stages, refs: dict[str, Stage
     refs = dict(refs or {})
     for stage in stages:
         task = STAGE_TASKS[stage].with_options(task_run_name=f"{stage}[{job.item_id}]")
-        refs[stage] = finished(task(job, keys[stage], *(refs[u] for u in UPSTREAM[stage])))
+        refs[stage] = mark_stage_complete(task(job, keys[stage], *(refs[u] for u in UPSTREAM[stage])))
     return refs
 
 
@@ -177,16 +187,17 @@ def begin_item(store: Store, job: ItemJob, **fields) -> None:
 def complete_item(store: Store, job: ItemJob, refs: dict[str, StageRef], **fields) -> str:
     """Record the item done with its output. Returns the output's path in the store."""
     output = store.output_path(job.item_id)
-    attrs = store.attrs(job.item_id, "noise_filter")
-    store.record_item(job.item_id, "done", n_frames=refs["face_crop"].frames, output=str(output),
+    attrs = store.attrs(job.item_id, NOISE_FILTER)
+    store.record_item(job.item_id, "done", n_frames=refs[FACE_CROP].frames, output=str(output),
                       output_sha256=attrs["output_sha256"], watermark_id=attrs.get("watermark_id"),
-                      output_key=refs["noise_filter"].key, **fields)
+                      output_key=refs[NOISE_FILTER].key, **fields)
     if job.keep == "final":
         store.drop_intermediates(job.item_id)
     return str(output)
 
 
-def finished(ref: StageRef) -> StageRef:
+def mark_stage_complete(ref: StageRef) -> StageRef:
+    """Show the stage `ref` stands for as complete in the progress bars; returns `ref`."""
     progress.update(ref.item_id, ref.stage, 1, 1)
     return ref
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from freetalk_core import video
-from storage import Store
+from storage import Store, arrays
 from tasks.common import mask_weights
 from tasks.frames import Crops, StoredStructureFrames
 
@@ -20,7 +20,7 @@ def panel_frames(store: Store, item_id: str) -> dict:
     videos, the structure frames and the filtered crops."""
     return {"identity": Crops(store, item_id, "identity"), "lip reference": Crops(store, item_id, "lip_ref"),
             "structure": StoredStructureFrames(store, item_id),
-            "output": store.array(item_id, "noise_filter", "frames")}
+            "output": store.array(item_id, arrays.FILTERED_FRAMES)}
 
 
 def _label(image: np.ndarray, text: str) -> np.ndarray:
@@ -36,11 +36,11 @@ def side_by_side_frames(store: Store, item_id: str, size: int = PANEL_SIZE):
     """Yields `(size, 4 * size, 3) uint8` rows, one per output frame."""
     import cv2
 
-    arrays = list(panel_frames(store, item_id).items())
-    masks = store.array(item_id, "face_crop", "mouth_masks")
-    n = arrays[0][1].shape[0]
+    panels = list(panel_frames(store, item_id).items())
+    masks = store.array(item_id, arrays.MOUTH_MASKS)
+    n = panels[0][1].shape[0]
     for start in range(0, n, 25):
-        blocks = [(name, a[start:start + 25]) for name, a in arrays]
+        blocks = [(name, a[start:start + 25]) for name, a in panels]
         # The output panel shows what the MP4 shows: the filtered crop inside the mouth mask only.
         m = mask_weights(masks[start:start + 25])[..., None]
         blended = blocks[0][1] * (1 - m) + blocks[-1][1] * m
@@ -62,12 +62,8 @@ def lip_opening_curves(store: Store, item_id: str) -> dict[str, np.ndarray]:
     panels = panel_frames(store, item_id)
     for name in ("lip reference", "structure"):
         images = panels[name]
-        landmarks = np.full((images.shape[0], 68, 2), np.nan, np.float32)
-        for start in range(0, images.shape[0], 25):
-            for t, image in enumerate(images[start:start + 25], start):
-                found = detector.detect(image)
-                if found is not None:
-                    landmarks[t] = found
+        landmarks = np.concatenate([detector.detect_all(images[start:start + 25])
+                                    for start in range(0, images.shape[0], 25)])
         curves[name] = lip_opening(landmarks)
     return curves
 
@@ -81,9 +77,9 @@ def lip_distance_plot(store: Store, item_id: str, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h = store.read(item_id, "controller", "lip_distance")
-    lam = store.read(item_id, "controller", "lambdas")
-    anchor = int(store.read(item_id, "controller", "anchor_index"))
+    h = store.read(item_id, arrays.LIP_DISTANCE)
+    lam = store.read(item_id, arrays.LAMBDAS)
+    anchor = int(store.read(item_id, arrays.ANCHOR_INDEX))
     curves = lip_opening_curves(store, item_id)
     fig, (ax0, ax1, ax2) = plt.subplots(3, 1, figsize=(8, 6.5), sharex=True)
     a, b = curves["lip reference"], curves["structure"]
@@ -115,10 +111,10 @@ def write_previews(store_dir: Path, item_id: str, out_dir: Path, stem: str = "pr
     store = Store(store_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fps = float(store.attrs(item_id, "face_crop")["fps"])
+    fps = float(store.attrs(item_id, arrays.FACE_CROP)["fps"])
     mp4 = out_dir / f"{stem}_side_by_side.mp4"
     video.write_video(mp4, side_by_side_frames(store, item_id), fps)
-    n = store.array(item_id, "noise_filter", "frames").shape[0]
+    n = store.array(item_id, arrays.FILTERED_FRAMES).shape[0]
     picks = set(np.linspace(0, n - 1, min(n, 6)).round().astype(int).tolist())
     rows = [row for t, row in enumerate(side_by_side_frames(store, item_id)) if t in picks]
     png = out_dir / f"{stem}_side_by_side.png"

@@ -1,9 +1,11 @@
 """CLIP embed (METHOD.md step 4): structure embeddings, the negative embedding, the identity embedding.
 
 - Structure embedding `e_t`: the CLIP ViT-H/14 image encoder's penultimate hidden states of a
-  structure frame, `(257, 1280)` (class token + 16 x 16 patch tokens).
+  structure frame (face-aligned crop, CLIP preprocessing), `(257, 1280)` (class token +
+  16 x 16 patch tokens).
 - Negative embedding: the same encoder's output for an all-zero image.
-- Identity embedding `z`: the mean of the L2-normalised ArcFace embeddings of the identity crops.
+- Identity embedding `z`: the mean of the L2-normalised ArcFace embeddings of identity crops
+  (the pipeline takes an evenly spread sample of the frames with a face, `tasks.clip_embed`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from freetalk_core import models as model_files
 from freetalk_core.errors import ModelFileError, NoFaceError
+from freetalk_core.models.layout import (
+    FIX_HINT,
+    IMAGE_ENCODER_DIR,
+    IMAGE_ENCODER_REPO,
+    IMAGE_ENCODER_SUBFOLDER,
+    arcface_path,
+)
 
 ENCODE_BATCH = 16
 """Frames per image-encoder forward pass."""
@@ -50,19 +58,19 @@ def load_image_encoder(models_dir, device="cpu", dtype=torch.float32) -> ImageEn
     """
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    folder = Path(models_dir) / model_files.IMAGE_ENCODER_DIR if models_dir is not None else None
+    folder = Path(models_dir) / IMAGE_ENCODER_DIR if models_dir is not None else None
     if folder is not None and (folder / "config.json").is_file():
         model = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype)
     else:
         try:
             model = CLIPVisionModelWithProjection.from_pretrained(
-                model_files.IMAGE_ENCODER_REPO, subfolder=model_files.IMAGE_ENCODER_SUBFOLDER,
+                IMAGE_ENCODER_REPO, subfolder=IMAGE_ENCODER_SUBFOLDER,
                 dtype=dtype, local_files_only=True,
             )
         except OSError as error:
             raise ModelFileError(
-                f"missing {folder}/config.json (and no {model_files.IMAGE_ENCODER_REPO} image encoder in the "
-                f"Hugging Face cache): {model_files.FIX_HINT}"
+                f"missing {folder}/config.json (and no {IMAGE_ENCODER_REPO} image encoder in the "
+                f"Hugging Face cache): {FIX_HINT}"
             ) from error
     if folder is not None and (folder / "preprocessor_config.json").is_file():
         processor = CLIPImageProcessor.from_pretrained(folder)
@@ -120,13 +128,13 @@ def load_arcface(models_dir):
     """
     from insightface.model_zoo import get_model
 
-    path = model_files.arcface_path(models_dir)
+    path = arcface_path(models_dir)
     providers = ["CPUExecutionProvider"]
     if os.environ.get("FREETALK_ARCFACE_CUDA") == "1":
         providers.insert(0, "CUDAExecutionProvider")
     model = get_model(str(path), providers=providers)
     if model is None or getattr(model, "taskname", None) != "recognition":
-        raise ModelFileError(f"{path} is not an ArcFace recognition model (input (N, 3, 112, 112)): {model_files.FIX_HINT}")
+        raise ModelFileError(f"{path} is not an ArcFace recognition model (input (N, 3, 112, 112)): {FIX_HINT}")
     return model
 
 
@@ -145,17 +153,17 @@ def five_keypoints(landmarks: np.ndarray) -> np.ndarray:
     return np.stack([landmarks[..., list(group), :].mean(axis=-2) for group in FIVE_POINT_GROUPS], axis=-2)
 
 
-def identity_embedding(arcface, crops: np.ndarray, landmarks: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Mean of the L2-normalised ArcFace embeddings of the identity crops.
+def face_embeddings(arcface, crops: np.ndarray, landmarks: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """L2-normalised ArcFace embedding of each crop.
 
     Args:
         arcface: from `load_arcface`.
-        crops: `(T, H, W, 3)` uint8 RGB identity crops.
+        crops: `(T, H, W, 3)` uint8 RGB face crops.
         landmarks: `(T, 68, 2)` float32 iBUG-68 points in crop pixels; frames whose landmarks
-            are not finite (no face) are left out.
+            are not finite (no face) get a NaN row.
 
     Returns:
-        `(512,)` float32 (not renormalised: the mean of unit vectors, as METHOD.md states).
+        `(T, 512)` float64.
     """
     from insightface.utils import face_align
 
@@ -166,18 +174,34 @@ def identity_embedding(arcface, crops: np.ndarray, landmarks: np.ndarray, batch_
     if landmarks.shape != (len(crops), 68, 2):
         raise ValueError(f"landmarks must be ({len(crops)}, 68, 2), got {landmarks.shape}")
     usable = np.isfinite(landmarks).all(axis=(1, 2))
+    out = np.full((len(crops), 512), np.nan)
     if not usable.any():
-        raise NoFaceError("no identity frame has landmarks: cannot compute the identity embedding")
-    crops, keypoints = crops[usable], five_keypoints(landmarks[usable])
+        return out
+    keypoints = five_keypoints(landmarks[usable])
     size = arcface.input_size[0]
     # insightface works on BGR images (its blob step swaps back to RGB)
     aligned = [face_align.norm_crop(np.ascontiguousarray(crop[..., ::-1]), kps, image_size=size)
-               for crop, kps in zip(crops, keypoints)]
+               for crop, kps in zip(crops[usable], keypoints)]
     embeddings = np.concatenate(
         [arcface.get_feat(aligned[start : start + batch_size]) for start in range(0, len(aligned), batch_size)]
     ).astype(np.float64)
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings.mean(axis=0).astype(np.float32)
+    out = np.full((len(crops), embeddings.shape[1]), np.nan)
+    out[usable] = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return out
+
+
+def identity_embedding(arcface, crops: np.ndarray, landmarks: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Mean of the L2-normalised ArcFace embeddings of the identity crops (`face_embeddings`;
+    frames without landmarks left out).
+
+    Returns:
+        `(512,)` float32 (not renormalised: the mean of unit vectors, as METHOD.md states).
+    """
+    embeddings = face_embeddings(arcface, crops, landmarks, batch_size)
+    usable = np.isfinite(embeddings).all(axis=1)
+    if not usable.any():
+        raise NoFaceError("no identity frame has landmarks: cannot compute the identity embedding")
+    return embeddings[usable].mean(axis=0).astype(np.float32)
 
 
 def embedding_follows_lips(embeddings: np.ndarray, lip_landmarks: np.ndarray) -> float:

@@ -1,9 +1,16 @@
 """Anchor / Structure Controller (METHOD.md step 5).
 
-The raw CLIP embedding of a structure frame under-represents subtle lip motion. The controller
-takes how far the lip reference's mouth is open in every frame and its most closed frame, the
-anchor (`freetalk_core.lips`: `lip_distance`, `closed_mouth_index`), and moves each frame's patch tokens along the anchor-to-frame direction by the
-frame-to-frame ratio of lip openings.
+The raw CLIP embedding of a structure frame under-represents subtle lip motion. With `h_t` the
+lip reference's lip opening in frame t (`freetalk_core.lips.lip_distance`: the mean of three
+vertical outer-lip distances, left, centre and right, in crop pixels, smoothed with a centred
+moving average of 5 frames) and the anchor `a = argmin_t h_t`, its most closed frame
+(`freetalk_core.lips.closed_mouth_index`):
+
+    lambda_t = h_t / h_{t-1}   (lambda_0 = 1), clipped to a range, [0.5, 2.0] by default
+    e'_t = e_a + lambda_t * (e_t - e_a)
+
+on the 256 patch tokens; the class token is kept. Opening lips (`lambda_t > 1`) move the
+embedding away from the closed anchor, closing lips pull it back toward it.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """Per-frame diffusion (METHOD.md step 6): SD 1.5 inpainting + IP-Adapter-FaceID-Plus.
 
-Every frame of a batch is the masked identity crop inpainted under its own image prompt: the
-shared identity embedding `z` and the frame's adjusted structure embedding `e'_t`; the negative
-branch of classifier-free guidance gets zeros for `z` and the CLIP embedding of a zero image. The
-text prompt is empty. Every frame starts from the same initial noise latent, and a frame's result
-does not depend on the other frames of its batch.
+Every frame of a batch is the masked identity crop (the mouth mask of `face_crop`: the lower
+face from landmarks, dilated and feathered) inpainted under its own image prompt: the shared
+identity embedding `z` and the frame's adjusted structure embedding `e'_t`; the negative branch
+of classifier-free guidance gets zeros for `z` and the CLIP embedding of a zero image. The text
+prompt is empty. DPM-Solver++ (multistep), 20 steps, guidance 7.5, strength 1.0 and IP-Adapter
+scale 1.0 by default; FaceID-Plus by default, PlusV2 (its projection shortcut on) selectable.
+Every frame starts from the same initial noise latent (one seed), and a frame's result does not
+depend on the other frames of its batch.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from freetalk_core import models as model_files
 from freetalk_core.errors import ModelFileError
+from freetalk_core.models.layout import FACEID_FILES, FACEID_REPO, FIX_HINT, SD15_DIR, SD15_REPO, faceid_path
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
@@ -25,23 +28,23 @@ VAE_DOWNSCALE = 8
 
 
 def _sd15_source(models_dir) -> tuple[str, dict]:
-    folder = Path(models_dir) / model_files.SD15_DIR if models_dir is not None else None
+    folder = Path(models_dir) / SD15_DIR if models_dir is not None else None
     if folder is not None and (folder / "model_index.json").is_file():
         return str(folder), {}
-    return model_files.SD15_REPO, {"local_files_only": True}
+    return SD15_REPO, {"local_files_only": True}
 
 
 def _faceid_source(models_dir, variant: str) -> Path:
-    path = model_files.faceid_path(models_dir if models_dir is not None else "MODELS", variant)
+    path = faceid_path(models_dir if models_dir is not None else "MODELS", variant)
     if models_dir is not None and path.is_file():
         return path
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(hf_hub_download(model_files.FACEID_REPO, model_files.FACEID_FILES[variant], local_files_only=True))
+        return Path(hf_hub_download(FACEID_REPO, FACEID_FILES[variant], local_files_only=True))
     except LocalEntryNotFoundError as error:
-        raise ModelFileError(f"missing {path}: {model_files.FIX_HINT}") from error
+        raise ModelFileError(f"missing {path}: {FIX_HINT}") from error
 
 
 def _fp16_variant(folder: Path, dtype: torch.dtype) -> str | None:
@@ -71,7 +74,7 @@ def load_pipeline(models_dir, device="cpu", dtype=torch.float32, faceid_variant:
     if are_progress_bars_disabled():  # HF_HUB_DISABLE_PROGRESS_BARS: diffusers' loading bar too
         diffusers_logging.disable_progress_bar()
     source, kwargs = _sd15_source(models_dir)
-    if source == model_files.SD15_REPO:
+    if source == SD15_REPO:
         variant = None
     else:
         variant = _fp16_variant(Path(source), dtype)
@@ -81,8 +84,8 @@ def load_pipeline(models_dir, device="cpu", dtype=torch.float32, faceid_variant:
             requires_safety_checker=False, **kwargs,
         )
     except OSError as error:
-        where = Path(models_dir) / model_files.SD15_DIR if models_dir is not None else source
-        raise ModelFileError(f"cannot load {where} ({str(error).splitlines()[0][:160]}): {model_files.FIX_HINT}") from error
+        where = Path(models_dir) / SD15_DIR if models_dir is not None else source
+        raise ModelFileError(f"cannot load {where} ({str(error).splitlines()[0][:160]}): {FIX_HINT}") from error
     return attach_faceid(pipe, _faceid_source(models_dir, faceid_variant), faceid_variant).to(device)
 
 
@@ -95,8 +98,8 @@ def attach_faceid(pipe, faceid, faceid_variant: str = "plus"):
     from diffusers import DPMSolverMultistepScheduler
     from diffusers.utils import USE_PEFT_BACKEND
 
-    if faceid_variant not in model_files.FACEID_FILES:
-        raise ValueError(f"faceid_variant must be one of {sorted(model_files.FACEID_FILES)}, got {faceid_variant!r}")
+    if faceid_variant not in FACEID_FILES:
+        raise ValueError(f"faceid_variant must be one of {sorted(FACEID_FILES)}, got {faceid_variant!r}")
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(
         pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
     )

@@ -1,4 +1,11 @@
-"""Face crop (METHOD.md step 1): landmarks, their smoothing, the canonical crop and paste-back.
+"""Face crop (METHOD.md step 1): landmarks, their smoothing, the canonical crop and the mouth mask.
+
+The face and its 68 iBUG landmarks are found in every frame (detected on a few frames and
+tracked in between, `track_landmarks`) and the tracks smoothed over time (`fill_and_smooth`);
+each frame is aligned by a similarity transform to the canonical 512 x 512 crop, and every
+transform is kept for paste-back (`freetalk_core.paste_back`). A frame without a face never
+stops the run: across a short gap where the face is still there the track is interpolated
+(`bridge_gaps`), otherwise the original frame passes through unchanged.
 
 Landmarks are iBUG-68 points (0-based index order), float32 (x, y) pixels. A crop transform
 `M` is a (2, 3) float32 similarity matrix mapping frame pixels to crop pixels
@@ -174,6 +181,13 @@ class LandmarkDetector:
         default) in `frame` (H, W, 3) uint8, or None."""
         box = self.detect_box(frame, face_index, face_box)
         return None if box is None else self.predict(frame, box)
+
+    def detect_all(self, frames) -> np.ndarray:
+        """`(T, 68, 2)` float32 landmarks of the largest face in each of `frames` (a sequence
+        of `(H, W, 3)` uint8 images), NaN where none is found."""
+        found = [self.detect(frame) for frame in frames]
+        return np.stack([np.full((68, 2), np.nan, np.float32) if f is None else f for f in found]) \
+            if found else np.zeros((0, 68, 2), np.float32)
 
     def detect_near(self, frame: np.ndarray, box, face_px: float = 120.0) -> np.ndarray | None:
         """(4,) float64 detector box of the face near `box` (x0, y0, x1, y1) in frame px, or None.
@@ -530,7 +544,7 @@ def fill_and_smooth(
 
 
 # ---------------------------------------------------------------------------------------------
-# Crop transforms, warping, mask, paste-back
+# Crop transforms, warping, mouth mask
 # ---------------------------------------------------------------------------------------------
 
 
@@ -632,38 +646,3 @@ def mouth_mask(
     mask *= np.minimum(ramp[:, None], ramp[None, :]).astype(np.float32)
     mask[mask < 1e-3] = 0.0
     return np.clip(mask, 0.0, 1.0)
-
-
-def paste_back(frame: np.ndarray, crop: np.ndarray, M: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Blend `crop` back into `frame` through `mask`, with the inverse of the transform `M`.
-
-    frame: (H, W, 3) uint8; crop: (S, S, 3) uint8; M: (2, 3) frame -> crop; mask: (S, S) float32
-    in [0, 1]. Returns (H, W, 3) uint8. Pixels where the warped mask is 0 are exactly `frame`'s.
-    Only the frame region under the mask is warped.
-    """
-    mask = np.asarray(mask, dtype=np.float32)
-    out = frame.copy()
-    ys, xs = np.nonzero(mask > 0)
-    if len(xs) == 0:
-        return out
-    left, right, top, bottom = xs.min() - 1, xs.max() + 1, ys.min() - 1, ys.max() + 1
-    corners = np.array([[left, top], [right, top], [left, bottom], [right, bottom]], dtype=np.float64)
-    frame_corners = transform_points(corners, invert_transform(M))
-    h, w = frame.shape[:2]
-    x0, y0 = np.floor(frame_corners.min(0)).astype(int) - 1
-    x1, y1 = np.ceil(frame_corners.max(0)).astype(int) + 2
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    if x1 <= x0 or y1 <= y0:
-        return out
-    # Frame pixel (x0 + u, y0 + v) maps to crop M @ (u + x0, v + y0): shift M by the region origin.
-    M_roi = np.asarray(M, dtype=np.float64).copy()
-    M_roi[:, 2] += M_roi[:, :2] @ np.array([x0, y0], dtype=np.float64)
-    region_size = (x1 - x0, y1 - y0)
-    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    alpha = cv2.warpAffine(mask, M_roi, region_size, flags=flags, borderMode=cv2.BORDER_CONSTANT)
-    colour = cv2.warpAffine(crop, M_roi, region_size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
-    region = out[y0:y1, x0:x1]
-    a = alpha[..., None]
-    blended = np.round(region.astype(np.float32) * (1.0 - a) + colour.astype(np.float32) * a)
-    region[:] = np.where(a > 0, np.clip(blended, 0, 255), region).astype(np.uint8)
-    return out

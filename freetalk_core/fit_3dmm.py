@@ -2,7 +2,11 @@
 
 eos fits, per frame, the SFM shape (63 PCA coefficients), the 6 expression blendshapes and an
 orthographic camera to the iBUG-68 landmarks of a face crop. The identity's shape is then
-estimated once for the whole clip (`identity_shape`), so it does not jitter from frame to frame.
+estimated once for the whole clip (`identity_shape`), so it does not jitter from frame to frame;
+its pose stays per frame. The structure render (step 3) takes the identity's shape and pose
+from here; the mouth it renders follows the lip reference's landmarks (the landmark-driven
+mouth rig of METHOD.md's accepted design), not the blendshapes, which follow the lips' timing
+but not their amplitude.
 
 Model-space vertices are (N, 3) float32 with N = 3448 (SFM units, y up). A fitted camera maps
 them to crop pixels with `project_vertices`.

@@ -1,9 +1,10 @@
 """Optical flow of the mouth region (METHOD.md step 7).
 
 Dense flow between consecutive frames, for the generated crops (`g`) and for the reference
-motion (`r`, by default the structure frames). The Noise Sensor compares the two per pixel, so
-both must come from the same flow method over the same region. Flow is computed only inside a
-box (the mouth mask's bounding box plus a margin) and is zero elsewhere.
+motion (`r`: by default the structure frames, the motion the output should have; optionally
+the identity crops). The Noise Sensor compares the two per pixel, so both must come from the
+same flow method over the same region. Flow is computed only inside a box (the mouth mask's
+bounding box plus a margin, `mouth_box`) and is zero elsewhere.
 
 OpenCV's DIS flow at its "fast" preset is the default. On real mouth crops (see
 bench/noise_sensor.py) the "medium" preset tracks a pure known shift a little more closely, but

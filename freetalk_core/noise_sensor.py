@@ -6,14 +6,24 @@ the reference flow does not explain linearly is noise (Theorem 1):
     var_noise = var(g) - cov(g, r)^2 / var(r)        (= var(g) * (1 - rho^2))
 
 The noise pattern N(p) is the norm of the (x, y) pair of noise variances. Each pixel is then
-smoothed over time with a Gaussian whose standard deviation (in frames) is N(p), inside the
-mouth mask only; where N(p) is ~0 the pixel is left exactly as it was.
+smoothed over time with a Gaussian whose standard deviation (in frames) is N(p), kernel size 5
+by default (offsets -2..2, weights summing to 1, the time axis padded by repeating the end
+frames, never wrapped), inside the mouth mask only; where N(p) is ~0 the pixel is left exactly
+as it was. MNP, the mean noise pattern over the mouth region, measures what is left.
 
-Where the pixel is, in the neighbouring frames, is a choice: in place (the plain filter,
-`motion=None`), or along its genuine motion (`motion=ideal_flow(g, r)`: the part of the
-generated flow the reference explains, Theorem 1's linear estimate). Along the motion, the
-Gaussian averages the same point of the lips in each frame, so a moving mouth is not blurred
-and what is averaged away is the jitter and flicker only; the pipeline filters this way.
+The statistics are local in time: frame t uses a sliding window of flow fields around it
+(`noise_pattern_sequence`, `window_noise_patterns`; the pipeline's window is 100 flow fields,
+the whole clip when it is shorter), so motion that changes along a long clip gets its own
+estimate. The streaming functions (`window_moments`, `ideal_flow_range`,
+`temporal_filter_chunk`) read the flows a block at a time, so a chunk of frames is filtered
+with its own frames' statistics without the whole clip in memory.
+
+Where the pixel is, in the neighbouring frames, is a choice: along its genuine motion (the
+pipeline's default: `motion=ideal_flow(g, r)`, the part of the generated flow the reference
+explains, Theorem 1's linear estimate `a * r + b`), or in place (`motion=None`, the plain
+filter, kept as an option). Along the motion, the Gaussian averages the same point of the lips in each
+frame, so a moving mouth is not blurred and what is averaged away is the jitter and flicker
+only.
 """
 
 from __future__ import annotations
@@ -314,6 +324,19 @@ def window_noise_patterns(read: FlowReader, n_flows: int, window: int, first: in
         if m is not None:
             pattern = _norm_xy(_noise_variance_from_moments(*m[2:]))
         yield t, pattern
+
+
+def clip_noise_pattern(read: FlowReader, n_flows: int, window: int, shift=None,
+                       block: int = FLOW_BLOCK) -> np.ndarray:
+    """The clip's noise pattern `(H, W)` float64: the mean over its frames of their local
+    (sliding-window) patterns, streamed. `shift`: the clip's mean flows (`flow_means`, computed
+    here when not given)."""
+    if shift is None:
+        shift = flow_means(read, n_flows, block)
+    total = None
+    for _, pattern in window_noise_patterns(read, n_flows, window, shift=shift, block=block):
+        total = pattern.astype(np.float64) if total is None else total + pattern
+    return total / (n_flows + 1)
 
 
 def ideal_flow_range(read: FlowReader, n_flows: int, window: int, start: int, stop: int,

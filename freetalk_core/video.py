@@ -314,6 +314,18 @@ def _audio_frames(path) -> Iterator[av.AudioFrame]:
         container.close()
 
 
+def read_audio(path, sample_rate: int = 16000) -> np.ndarray:
+    """`(n,)` float32 mono samples of the first audio stream of `path` at `sample_rate`, from
+    its first sample."""
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+    blocks = []
+    for frame in _audio_frames(path):
+        frame.pts = None
+        blocks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    blocks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return np.concatenate(blocks).astype(np.float32) if blocks else np.zeros(0, np.float32)
+
+
 def audio_duration(path) -> float:
     """Seconds of audio in the first audio stream.
 

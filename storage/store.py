@@ -2,6 +2,7 @@
 
     STORE/
       items/<item_id>.zarr/<stage>/...   one Zarr group per item, one subgroup per stage
+                                         (its arrays and attributes: `storage.arrays`)
       metadata/items/bucket=XX/*.parquet    one row per status change of an item
       metadata/stages/bucket=XX/*.parquet   one row per (item_id, stage, chunk) computed
       metadata/metrics/bucket=XX/*.parquet  item_id, metric, value
@@ -32,63 +33,35 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from storage.arrays import STAGE_ATTRS, STAGES, ArraySpec, check_stage
 from storage.tables import Table, integer_codes, latest_positions, latest_rows, pid_alive
 
 if TYPE_CHECKING:  # zarr is imported where arrays are opened: `freetalk status` never needs it
     import zarr
 
-STAGES = (
-    "face_crop",
-    "fit_3dmm",
-    "structure_render",
-    "clip_embed",
-    "controller",
-    "diffusion",
-    "optical_flow",
-    "noise_filter",
-)
 ITEM_STATUSES = ("pending", "running", "interrupted", "done", "failed")
 HEARTBEAT_SECONDS = 5.0     # how often a live run rewrites its heartbeat
 STALE_AFTER_SECONDS = 60.0  # a run whose heartbeat is older than this is taken as dead
 
 _TS = pa.timestamp("us", tz="UTC")
+
+
+def _text(*names: str) -> list[tuple[str, pa.DataType]]:
+    return [(name, pa.string()) for name in names]
+
+
 ITEM_SCHEMA = pa.schema([
-    ("item_id", pa.string()),
-    ("identity", pa.string()),
-    ("lip_ref", pa.string()),
-    ("audio", pa.string()),
-    ("identity_sha256", pa.string()),
-    ("lip_ref_sha256", pa.string()),
-    ("audio_sha256", pa.string()),
-    ("n_frames", pa.int64()),
-    ("fps", pa.float64()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("output", pa.string()),
-    ("output_sha256", pa.string()),
-    ("watermark_id", pa.string()),
-    ("updated_at", _TS),
-    ("run_id", pa.string()),
-    ("started_at", _TS),
+    *_text("item_id", "identity", "lip_ref", "audio", "identity_sha256", "lip_ref_sha256", "audio_sha256"),
+    ("n_frames", pa.int64()), ("fps", pa.float64()),
+    *_text("status", "error", "output", "output_sha256", "watermark_id"),
+    ("updated_at", _TS), ("run_id", pa.string()), ("started_at", _TS),
     ("output_key", pa.string()),  # the key of the output's last stage: what made it
 ])
 STAGE_SCHEMA = pa.schema([
-    ("item_id", pa.string()),
-    ("stage", pa.string()),
-    ("chunk", pa.int64()),
-    ("status", pa.string()),
-    ("seconds", pa.float64()),
-    ("frames", pa.int64()),
-    ("cache_key", pa.string()),
-    ("error", pa.string()),
-    ("finished_at", _TS),
+    *_text("item_id", "stage"), ("chunk", pa.int64()), ("status", pa.string()), ("seconds", pa.float64()),
+    ("frames", pa.int64()), *_text("cache_key", "error"), ("finished_at", _TS),
 ])
-METRIC_SCHEMA = pa.schema([
-    ("item_id", pa.string()),
-    ("metric", pa.string()),
-    ("value", pa.float64()),
-    ("updated_at", _TS),
-])
+METRIC_SCHEMA = pa.schema([*_text("item_id", "metric"), ("value", pa.float64()), ("updated_at", _TS)])
 _TABLES = {  # schema, key, time column
     "items": (ITEM_SCHEMA, ["item_id"], "updated_at"),
     "stages": (STAGE_SCHEMA, ["item_id", "stage", "chunk"], "finished_at"),
@@ -173,8 +146,7 @@ class Store:
 
     def stage_group(self, item_id: str, stage: str, *, reset: bool = False) -> zarr.Group:
         """The Zarr group of one stage of one item; `reset` empties it first."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        check_stage(stage)
         root = self.item_group(item_id, mode="a")
         if reset and stage in root:
             del root[stage]
@@ -182,37 +154,34 @@ class Store:
 
     def has_stage_group(self, item_id: str, stage: str) -> bool:
         path = self.item_path(item_id)
-        return (path / stage / "zarr.json").exists()
+        return (path / check_stage(stage) / "zarr.json").exists()
 
-    def create_array(self, item_id: str, stage: str, name: str, shape: tuple[int, ...],
-                     dtype: Any, chunk_frames: int | None = None, tile: int | None = None) -> zarr.Array:
-        """An empty array chunked along the first (frame) axis, replacing any old one,
-        compressed with the codec `array_compressors` picks for its dtype.
+    def has_array(self, item_id: str, spec: ArraySpec) -> bool:
+        """The item holds the array of `spec`."""
+        return (self.item_path(item_id) / spec.stage / spec.name / "zarr.json").exists()
 
-        `tile` (for `(T, H, W, ...)` frames that hold data in part of the frame only, zero
-        elsewhere): each chunk of frames is one file (a Zarr shard) of `tile x tile` pieces,
-        and pieces that are all zero are not stored at all."""
-        group = self.stage_group(item_id, stage)
-        chunks, shards = None, None
-        if chunk_frames is not None and len(shape) > 0:
-            chunks = (max(1, min(chunk_frames, shape[0])),) + tuple(shape[1:])
-            if tile is not None and len(shape) >= 3:
-                shards = chunks
-                chunks = (chunks[0], min(tile, shape[1]), min(tile, shape[2])) + tuple(shape[3:])
-        return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks or "auto",
+    def create_array(self, item_id: str, spec: ArraySpec, shape: tuple[int, ...],
+                     chunk_frames: int | None = None) -> zarr.Array:
+        """An empty array of the catalogue's `spec` (`storage.arrays`), replacing any old one:
+        `shape` checked against the declared one, the declared dtype and chunking (`chunk_frames`
+        for arrays chunked by frames), compressed with the codec `array_compressors` picks."""
+        shape = spec.check_shape(shape)
+        chunks, shards = spec.chunks(shape, chunk_frames)
+        group = self.stage_group(item_id, spec.stage)
+        return group.create_array(spec.name, shape=shape, dtype=spec.dtype, chunks=chunks or "auto",
                                   shards=shards, overwrite=True, fill_value=0,
-                                  compressors=array_compressors(np.dtype(dtype)))
+                                  compressors=array_compressors(spec.dtype))
 
-    def open_array(self, item_id: str, stage: str, name: str, shape: tuple[int, ...],
-                   dtype: Any, chunk_frames: int | None = None, tile: int | None = None) -> zarr.Array:
+    def open_array(self, item_id: str, spec: ArraySpec, shape: tuple[int, ...],
+                   chunk_frames: int | None = None) -> zarr.Array:
         """Like `create_array`, but keeps an existing array of the same shape and dtype, so a
         stage that resumes keeps its finished chunks."""
-        group = self.stage_group(item_id, stage)
-        if name in group:
-            array = group[name]
-            if tuple(array.shape) == tuple(shape) and np.dtype(array.dtype) == np.dtype(dtype):
+        group = self.stage_group(item_id, spec.stage)
+        if spec.name in group:
+            array = group[spec.name]
+            if tuple(array.shape) == tuple(shape) and np.dtype(array.dtype) == spec.dtype:
                 return array
-        return self.create_array(item_id, stage, name, shape, dtype, chunk_frames, tile)
+        return self.create_array(item_id, spec, shape, chunk_frames)
 
     def drop_intermediates(self, item_id: str) -> None:
         """Delete every stage array of an item (`keep="final"`): its output, report, stage
@@ -223,25 +192,32 @@ class Store:
 
             shutil.rmtree(path)
 
-    def write_array(self, item_id: str, stage: str, name: str, data: np.ndarray,
+    def write_array(self, item_id: str, spec: ArraySpec, data: np.ndarray,
                     chunk_frames: int | None = None) -> zarr.Array:
+        """`data` (of the declared dtype: nothing is cast) as the array of `spec`."""
         data = np.asarray(data)
-        array = self.create_array(item_id, stage, name, data.shape, data.dtype, chunk_frames)
+        if data.dtype != spec.dtype:
+            raise TypeError(f"{spec.path} is {spec.dtype}, got {data.dtype}")
+        array = self.create_array(item_id, spec, data.shape, chunk_frames)
         array[...] = data
         return array
 
-    def array(self, item_id: str, stage: str, name: str) -> zarr.Array:
+    def array(self, item_id: str, spec: ArraySpec) -> zarr.Array:
         """An existing array (lazy; index it to read)."""
-        return self.item_group(item_id)[f"{stage}/{name}"]
+        return self.item_group(item_id)[spec.path]
 
-    def read(self, item_id: str, stage: str, name: str) -> np.ndarray:
-        return self.array(item_id, stage, name)[...]
+    def read(self, item_id: str, spec: ArraySpec) -> np.ndarray:
+        return self.array(item_id, spec)[...]
 
     def set_attrs(self, item_id: str, stage: str, **attrs: Any) -> None:
+        """Set attributes of a stage's group; only those `storage.arrays.STAGE_ATTRS` declares."""
+        unknown = sorted(set(attrs) - set(STAGE_ATTRS[check_stage(stage)]))
+        if unknown:
+            raise ValueError(f"{stage} declares no attribute {', '.join(unknown)}")
         self.stage_group(item_id, stage).attrs.update(attrs)
 
     def attrs(self, item_id: str, stage: str) -> dict[str, Any]:
-        return dict(self.item_group(item_id)[stage].attrs)
+        return dict(self.item_group(item_id)[check_stage(stage)].attrs)
 
     # --------------------------------------------------------------- tables
     def _read(self, table: str) -> pa.Table:

@@ -12,28 +12,16 @@ exists (`keep="final"` drops the groups of a done item: its stages then count as
 
 from __future__ import annotations
 
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from tasks.common import ItemJob, chunk_ranges, progress, recorded_chunk
+from tasks.common import ItemJob, StageRef, chunk_ranges, progress, recorded_chunk, run_logger
 
 SETUP = -1
 """Chunk number of a stage's whole-clip unit that runs before its chunks."""
 FINISH = -2
 """Chunk number of a stage's whole-clip unit that runs after its chunks."""
-
-
-def run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a task or flow run; a plain module logger outside one."""
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("freetalk")
 
 
 class StageRun:
@@ -149,6 +137,11 @@ class StageRun:
                 self.done.add(chunk)
                 self.computed += 1
                 self._units_done += 1
+
+    def result(self) -> StageRef:
+        """`close` the stage and return its reference (what the stage task returns)."""
+        self.close()
+        return StageRef(item_id=self.item, stage=self.stage, key=self.key, frames=self.frames or 0)
 
     def close(self) -> None:
         """Progress to the end and the stage's log line: frames, seconds, units computed vs

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from freetalk_core.errors import FreetalkError, one_line  # noqa: F401 - one_line re-exported for the stages
-from storage import Store, sha256_file
+from storage import Store, arrays, sha256_file
 
 CODE_VERSION = "3"
 """Bumped when a stage's results change for the same inputs and parameters."""
@@ -168,7 +168,7 @@ def _write_fingerprint_cache(root: Path, cache: dict) -> None:
 
 
 MASK_SCALE = 255
-"""`face_crop/mouth_masks` are stored as uint8: weight = value / MASK_SCALE."""
+"""`face_crop/mouth_masks` (`arrays.MOUTH_MASKS`) are stored as uint8: weight = value / MASK_SCALE."""
 
 
 def mask_weights(masks: np.ndarray) -> np.ndarray:
@@ -283,7 +283,7 @@ def load_cached(kind: str, loader: Callable[[], Any], *, models: str | Path | No
                                      f"`freetalk models check {models}`, then `freetalk models download` "
                                      f"(or `freetalk models tiny` for tests)") from exc
             _model_loads[kind] = _model_loads.get(kind, 0) + 1
-            _run_logger().info("loaded %s on %s in %.1f s (load %d of %s in this worker)", kind,
+            run_logger().info("loaded %s on %s in %.1f s (load %d of %s in this worker)", kind,
                                device or "cpu", time.perf_counter() - start, _model_loads[kind], kind)
         return _loaded_models[key]
 
@@ -294,7 +294,8 @@ def model_loads() -> dict[str, int]:
         return dict(_model_loads)
 
 
-def _run_logger():
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a task or flow run; a plain module logger outside one."""
     from prefect import get_run_logger
     from prefect.exceptions import MissingContextError
 
@@ -328,6 +329,6 @@ def load_fit(store: Store, item_id: str, role: str):
 
     values = {}
     for field in dataclasses.fields(FitResult):
-        value = store.read(item_id, "fit_3dmm", f"{role}_{field.name}")
+        value = store.read(item_id, arrays.FIT[role][field.name])
         values[field.name] = value.item() if value.ndim == 0 else value
     return FitResult(**values)

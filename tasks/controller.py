@@ -7,37 +7,37 @@ from prefect import task
 
 from freetalk_core import lips
 from freetalk_core.controller import adjust_embeddings, lambdas
+from storage import arrays
 from tasks.chunks import StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef
 
-STAGE = "controller"
+STAGE = arrays.CONTROLLER
 
 
-@task(name="controller", **STAGE_TASK)
+@task(name=STAGE, **STAGE_TASK)
 def controller(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef) -> StageRef:
     """`lip_distance (T,)`, `lambdas (T,)`, `anchor_index` (the `SETUP` unit), then
     `embeddings (T, 257, D) float16` a chunk at a time."""
     item, n = job.item_id, embeddings.frames
     run = StageRun(job, STAGE, key, n, setup=True)
     if run.complete:
-        run.close()
-        return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
+        return run.result()
     store = run.store
 
     def setup():
-        landmarks = store.read(item, "face_crop", "lip_ref_landmarks")
+        landmarks = store.read(item, arrays.LANDMARKS["lip_ref"])
         h, anchor = lips.lip_distance(landmarks), lips.closed_mouth_index(landmarks)
-        store.write_array(item, STAGE, "lip_distance", h.astype(np.float32))
-        store.write_array(item, STAGE, "lambdas", lambdas(h, tuple(job.lambda_range)).astype(np.float32))
-        store.write_array(item, STAGE, "anchor_index", np.array(anchor, dtype=np.int64))
+        store.write_array(item, arrays.LIP_DISTANCE, h.astype(np.float32))
+        store.write_array(item, arrays.LAMBDAS, lambdas(h, tuple(job.lambda_range)).astype(np.float32))
+        store.write_array(item, arrays.ANCHOR_INDEX, np.array(anchor, dtype=np.int64))
         store.set_attrs(item, STAGE, anchor_index=anchor)
 
     run.setup(setup)
-    anchor = int(store.read(item, STAGE, "anchor_index"))
-    lam = store.read(item, STAGE, "lambdas")
-    e = store.array(item, "clip_embed", "structure_embeddings")
+    anchor = int(store.read(item, arrays.ANCHOR_INDEX))
+    lam = store.read(item, arrays.LAMBDAS)
+    e = store.array(item, arrays.STRUCTURE_EMBEDDINGS)
     e_anchor = e[anchor:anchor + 1]
-    out = store.open_array(item, STAGE, "embeddings", e.shape, np.float16, job.chunk_frames)
+    out = store.open_array(item, arrays.ADJUSTED_EMBEDDINGS, e.shape, job.chunk_frames)
 
     def compute(start, stop, block):
         # The anchor rides along as row 0 with lambda 1, so every chunk adjusts towards it.
@@ -46,5 +46,4 @@ def controller(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef) ->
             .astype(np.float16)
 
     run.run_chunks(compute, lambda start, stop: e[start:stop])
-    run.close()
-    return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
+    return run.result()

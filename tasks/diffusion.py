@@ -6,15 +6,22 @@ import numpy as np
 from prefect import task
 
 from freetalk_core import CROP_SIZE
-from freetalk_core import diffusion as dm
+from freetalk_core.diffusion import (
+    default_dtype,
+    generate_in_batches,
+    initial_noise,
+    load_pipeline,
+    optimize_pipeline,
+)
+from storage import arrays
 from tasks.chunks import StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached, mask_weights, resolve_device
-from tasks.frames import MASK_TILE, Crops, mouth_box_frames
+from tasks.frames import Crops, mouth_box_frames
 
-STAGE = "diffusion"
+STAGE = arrays.DIFFUSION
 
 
-@task(name="diffusion", **STAGE_TASK)
+@task(name=STAGE, **STAGE_TASK)
 def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
               controlled: StageRef) -> StageRef:
     """`diffusion/frames (T, 512, 512, 3) uint8`: generated crops inside the mouth box
@@ -22,27 +29,25 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
     item, n = job.item_id, controlled.frames
     run = StageRun(job, STAGE, key, n)
     if run.complete:
-        run.close()
-        return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
+        return run.result()
     store = run.store
     device = resolve_device(job.device)
-    dtype = dm.default_dtype(device)
+    dtype = default_dtype(device)
 
     def load():
-        pipe = dm.load_pipeline(job.models_dir, device=device, dtype=dtype, faceid_variant=job.faceid_variant)
-        return dm.optimize_pipeline(pipe) if device == "cuda" else pipe
+        pipe = load_pipeline(job.models_dir, device=device, dtype=dtype, faceid_variant=job.faceid_variant)
+        return optimize_pipeline(pipe) if device == "cuda" else pipe
 
     kind = "diffusion pipeline" + ("" if job.faceid_variant == "plus" else f" ({job.faceid_variant})")
     pipe = load_cached(kind, load, models=job.models_dir,
                        components=("sd15-inpainting", "ip-adapter"), device=device, dtype=dtype)
-    noise = dm.initial_noise(job.seed, CROP_SIZE, CROP_SIZE)
-    negative = store.read(item, "clip_embed", "negative_embedding").astype(np.float32)
-    identity = store.read(item, "clip_embed", "identity_embedding").astype(np.float32)
-    masks = store.array(item, "face_crop", "mouth_masks")
-    adjusted = store.array(item, "controller", "embeddings")
-    box = store.attrs(item, "face_crop")["box"]
-    out = store.open_array(item, STAGE, "frames", (n, CROP_SIZE, CROP_SIZE, 3), np.uint8, job.chunk_frames,
-                           tile=MASK_TILE)
+    noise = initial_noise(job.seed, CROP_SIZE, CROP_SIZE)
+    negative = store.read(item, arrays.NEGATIVE_EMBEDDING).astype(np.float32)
+    identity = store.read(item, arrays.IDENTITY_EMBEDDING).astype(np.float32)
+    masks = store.array(item, arrays.MOUTH_MASKS)
+    adjusted = store.array(item, arrays.ADJUSTED_EMBEDDINGS)
+    box = store.attrs(item, arrays.FACE_CROP)["box"]
+    out = store.open_array(item, arrays.GENERATED_FRAMES, (n, CROP_SIZE, CROP_SIZE, 3), job.chunk_frames)
 
     id_crops = Crops(store, item, "identity", job.identity).reader(run.pending_ranges())
 
@@ -51,11 +56,10 @@ def diffusion(job: ItemJob, key: str, crops: StageRef, embeddings: StageRef,
 
     def compute(start, stop, inputs):
         frames, chunk_masks, embeddings_in = inputs
-        out[start:stop] = mouth_box_frames(dm.generate_in_batches(
+        out[start:stop] = mouth_box_frames(generate_in_batches(
             pipe, frames, chunk_masks, embeddings_in, negative, identity, noise,
             batch_size=job.batch_size, steps=job.steps, guidance=job.guidance,
             ip_scale=job.ip_adapter_scale), box)
 
     run.run_chunks(compute, read)
-    run.close()
-    return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
+    return run.result()

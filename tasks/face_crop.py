@@ -13,11 +13,22 @@ import numpy as np
 from prefect import task
 
 from freetalk_core import CROP_SIZE, flow, video
-from freetalk_core import face_crop as fc
+from freetalk_core.face_crop import (
+    LandmarkDetector,
+    bridge_gaps,
+    crop_transforms,
+    fill_and_smooth,
+    gap_frame_indices,
+    make_detector,
+    mouth_mask,
+    track_landmarks,
+    transform_points,
+)
+from storage import arrays
 from tasks.chunks import StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached, mask_values
 
-STAGE = "face_crop"
+STAGE = arrays.FACE_CROP
 
 
 def mouth_box(masks, margin: int = flow.DEFAULT_BOX_MARGIN) -> tuple[int, int, int, int]:
@@ -33,11 +44,11 @@ def mouth_box(masks, margin: int = flow.DEFAULT_BOX_MARGIN) -> tuple[int, int, i
 def _track(path: str, job: ItemJob, detector, face_index: int = 0, face_box=None) -> tuple[np.ndarray, ...]:
     """Landmarks of every frame of `path`, streamed: one decoded frame in memory at a time;
     then the frames of short gaps decoded again, to tell a missed face from a cut-away."""
-    landmarks, found = fc.track_landmarks(video.read_frames(path, fps=job.fps), detector,
-                                          face_index=face_index, face_box=face_box)
-    wanted = fc.gap_frame_indices(found) if found.any() else np.zeros(0, np.int64)
-    bridged = fc.bridge_gaps(landmarks, found, video.read_frames(path, fps=job.fps, indices=wanted))
-    smoothed, passthrough = fc.fill_and_smooth(landmarks, found, bridged, source=path)
+    landmarks, found = track_landmarks(video.read_frames(path, fps=job.fps), detector,
+                                       face_index=face_index, face_box=face_box)
+    wanted = gap_frame_indices(found) if found.any() else np.zeros(0, np.int64)
+    bridged = bridge_gaps(landmarks, found, video.read_frames(path, fps=job.fps, indices=wanted))
+    smoothed, passthrough = fill_and_smooth(landmarks, found, bridged, source=path)
     return smoothed, found, passthrough
 
 
@@ -51,31 +62,31 @@ def output_length(job: ItemJob, n_lip_frames: int) -> int:
 def _setup(job: ItemJob, run: StageRun) -> None:
     store, item = run.store, job.item_id
     if job.detector == "dlib":
-        detector = load_cached("landmark detector", fc.LandmarkDetector)
+        detector = load_cached("landmark detector", LandmarkDetector)
     else:
         detector = load_cached(f"{job.detector} landmark detector",
-                               lambda: fc.make_detector(job.detector, job.models_dir),
+                               lambda: make_detector(job.detector, job.models_dir),
                                models=job.models, components=("insightface",))
     id_lm, id_found, id_pass = _track(job.identity, job, detector, job.face_index, job.face_box)
     lip_lm, lip_found, _ = _track(job.lip_ref, job, detector)
     n_frames = output_length(job, len(lip_lm))
     id_index = video.pingpong_indices(len(id_lm), n_frames)
     lip_index = video.pingpong_indices(len(lip_lm), n_frames)
-    id_m = fc.crop_transforms(id_lm, CROP_SIZE)
-    lip_m = fc.crop_transforms(lip_lm, CROP_SIZE)
+    id_m = crop_transforms(id_lm, CROP_SIZE)
+    lip_m = crop_transforms(lip_lm, CROP_SIZE)
 
-    def per_output(name, values, index, dtype):
-        store.write_array(item, STAGE, name, np.asarray(values)[index].astype(dtype), job.chunk_frames)
+    def per_output(spec, values, index):
+        store.write_array(item, spec, np.asarray(values)[index].astype(spec.dtype), job.chunk_frames)
 
-    per_output("identity_index", np.arange(len(id_lm)), id_index, np.int64)
-    per_output("lip_ref_index", np.arange(len(lip_lm)), lip_index, np.int64)
-    per_output("identity_transforms", id_m, id_index, np.float32)
-    per_output("lip_ref_transforms", lip_m, lip_index, np.float32)
-    per_output("identity_face_found", id_found, id_index, bool)
-    per_output("lip_ref_face_found", lip_found, lip_index, bool)
-    per_output("identity_passthrough", id_pass, id_index, bool)
-    per_output("identity_landmarks", fc.transform_points(id_lm, id_m[:, None]), id_index, np.float32)
-    per_output("lip_ref_landmarks", fc.transform_points(lip_lm, lip_m[:, None]), lip_index, np.float32)
+    per_output(arrays.SOURCE_INDEX["identity"], np.arange(len(id_lm)), id_index)
+    per_output(arrays.SOURCE_INDEX["lip_ref"], np.arange(len(lip_lm)), lip_index)
+    per_output(arrays.CROP_TRANSFORMS["identity"], id_m, id_index)
+    per_output(arrays.CROP_TRANSFORMS["lip_ref"], lip_m, lip_index)
+    per_output(arrays.FACE_FOUND["identity"], id_found, id_index)
+    per_output(arrays.FACE_FOUND["lip_ref"], lip_found, lip_index)
+    per_output(arrays.IDENTITY_PASSTHROUGH, id_pass, id_index)
+    per_output(arrays.LANDMARKS["identity"], transform_points(id_lm, id_m[:, None]), id_index)
+    per_output(arrays.LANDMARKS["lip_ref"], transform_points(lip_lm, lip_m[:, None]), lip_index)
     store.set_attrs(item, STAGE, n_frames=int(n_frames), fps=float(job.fps),
                     identity_source_frames=int(len(id_lm)),
                     lip_ref_source_frames=int(len(lip_lm)),
@@ -84,7 +95,7 @@ def _setup(job: ItemJob, run: StageRun) -> None:
                     lip_ref_frames_without_face=int((~lip_found).sum()))
 
 
-@task(name="face_crop", **STAGE_TASK)
+@task(name=STAGE, **STAGE_TASK)
 def face_crop(job: ItemJob, key: str) -> StageRef:
     """Landmarks, crop transforms and `mouth_masks (T, 512, 512) uint8` (weight * 255) for every
     output frame (the crops themselves: `tasks.frames.Crops`); then (`FINISH`) the mouth `box` around every
@@ -95,27 +106,24 @@ def face_crop(job: ItemJob, key: str) -> StageRef:
     attrs = store.attrs(item, STAGE)
     n_frames = int(attrs["n_frames"])
     run.set_frames(n_frames)
-    for role in ("identity", "lip_ref"):
+    for role in arrays.ROLES:
         if attrs[f"{role}_frames_without_face"]:
             passed = (f" ({attrs['identity_passthrough_frames']} passed through unchanged)"
                       if role == "identity" and "identity_passthrough_frames" in attrs else "")
             run.warn(f"{attrs[f'{role}_frames_without_face']} of {attrs[f'{role}_source_frames']} "
                      f"{role} frames without a face{passed}")
     if run.complete:
-        run.close()
-        return StageRef(item_id=item, stage=STAGE, key=key, frames=n_frames)
+        return run.result()
 
-    id_pass = store.read(item, STAGE, "identity_passthrough")
-    id_crop_lm = store.read(item, STAGE, "identity_landmarks")
-    masks = store.open_array(item, STAGE, "mouth_masks", (n_frames, CROP_SIZE, CROP_SIZE), np.uint8,
-                             job.chunk_frames)
+    id_pass = store.read(item, arrays.IDENTITY_PASSTHROUGH)
+    id_crop_lm = store.read(item, arrays.LANDMARKS["identity"])
+    masks = store.open_array(item, arrays.MOUTH_MASKS, (n_frames, CROP_SIZE, CROP_SIZE), job.chunk_frames)
 
     def compute(start, stop, _):
         masks[start:stop] = np.stack([
             np.zeros((CROP_SIZE, CROP_SIZE), np.uint8) if id_pass[t]
-            else mask_values(fc.mouth_mask(id_crop_lm[t], CROP_SIZE)) for t in range(start, stop)])
+            else mask_values(mouth_mask(id_crop_lm[t], CROP_SIZE)) for t in range(start, stop)])
 
     run.run_chunks(compute)
     run.finish(lambda: store.set_attrs(item, STAGE, box=list(mouth_box(masks))))
-    run.close()
-    return StageRef(item_id=item, stage=STAGE, key=key, frames=n_frames)
+    return run.result()

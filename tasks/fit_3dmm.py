@@ -13,24 +13,24 @@ import dataclasses
 import numpy as np
 from prefect import task
 
-from freetalk_core import fit_3dmm as fit
-from storage import Store
+from freetalk_core.fit_3dmm import FitResult, finish_fit, fit_frames, identity_shape, load_face_model
+from storage import Store, arrays
 from tasks.chunks import StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges, load_cached
 
-STAGE = "fit_3dmm"
-ROLES = ("identity", "lip_ref")
-FIELDS = [f.name for f in dataclasses.fields(fit.FitResult) if f.name != "size"]
+STAGE = arrays.FIT_3DMM
+ROLES = arrays.ROLES
+FIELDS = [f.name for f in dataclasses.fields(FitResult) if f.name != "size"]
 
 
 def _sources(store: Store, item_id: str, role: str):
     """`(distinct source frames' first output frame, output -> distinct index)`."""
-    source_index = store.read(item_id, "face_crop", f"{role}_index")
+    source_index = store.read(item_id, arrays.SOURCE_INDEX[role])
     _, first, inverse = np.unique(source_index, return_index=True, return_inverse=True)
     return first, inverse
 
 
-@task(name="fit_3dmm", **STAGE_TASK)
+@task(name=STAGE, **STAGE_TASK)
 def fit_3dmm(job: ItemJob, key: str, crops: StageRef) -> StageRef:
     """Identity shape (one per clip), per-frame pose and expression for both videos."""
     store, item = job.open_store(), job.item_id
@@ -43,21 +43,20 @@ def fit_3dmm(job: ItemJob, key: str, crops: StageRef) -> StageRef:
                  for a, b in chunk_ranges(total - offset["lip_ref"], job.chunk_frames)])
     run = StageRun(job, STAGE, key, crops.frames, chunks=chunks, finish=True)
     if run.complete:
-        run.close()
-        return StageRef(item_id=item, stage=STAGE, key=key, frames=crops.frames)
+        return run.result()
 
-    model = load_cached("face model", lambda: fit.load_face_model(job.models_dir / "eos"),
+    model = load_cached("face model", lambda: load_face_model(job.models_dir / "eos"),
                         models=job.models_dir, components=("eos",))
-    landmarks = {role: store.read(item, "face_crop", f"{role}_landmarks")[sources[role][0]]
+    landmarks = {role: store.read(item, arrays.LANDMARKS[role])[sources[role][0]]
                  for role in ROLES}
-    empty = fit.fit_frames(model, landmarks["identity"][:0])
-    raw = {name: store.open_array(item, STAGE, f"raw_{name}", (total,) + getattr(empty, name).shape[1:],
-                                  np.float32, job.chunk_frames) for name in FIELDS}
+    empty = fit_frames(model, landmarks["identity"][:0])
+    raw = {name: store.open_array(item, arrays.RAW_FIT[name], (total,) + getattr(empty, name).shape[1:],
+                                  job.chunk_frames) for name in FIELDS}
 
     def compute(start, stop, _):
         role = "identity" if start < offset["lip_ref"] else "lip_ref"
         a, b = start - offset[role], stop - offset[role]
-        result = fit.fit_frames(model, landmarks[role][a:b])
+        result = fit_frames(model, landmarks[role][a:b])
         for name in FIELDS:
             raw[name][start:stop] = getattr(result, name)
 
@@ -65,19 +64,18 @@ def fit_3dmm(job: ItemJob, key: str, crops: StageRef) -> StageRef:
         fits = {}
         for role in ROLES:
             a, b = offset[role], offset[role] + len(sources[role][0])
-            per_source = fit.FitResult(**{name: raw[name][a:b] for name in FIELDS})
-            fits[role] = fit.finish_fit(model, per_source, landmarks[role])
+            per_source = FitResult(**{name: raw[name][a:b] for name in FIELDS})
+            fits[role] = finish_fit(model, per_source, landmarks[role])
             inverse = sources[role][1]
             for name in FIELDS:
-                store.write_array(item, STAGE, f"{role}_{name}", getattr(fits[role], name)[inverse],
+                store.write_array(item, arrays.FIT[role][name], getattr(fits[role], name)[inverse],
                                   job.chunk_frames)
-            store.write_array(item, STAGE, f"{role}_size", np.array(fits[role].size))
-        store.write_array(item, STAGE, "identity_shape", fit.identity_shape(fits["identity"]))
+            store.write_array(item, arrays.FIT[role]["size"], np.array(fits[role].size, np.int64))
+        store.write_array(item, arrays.IDENTITY_SHAPE, identity_shape(fits["identity"]))
         store.set_attrs(item, STAGE,
                         identity_fit_error_px=float(np.mean(fits["identity"].fit_error)),
                         lip_ref_fit_error_px=float(np.mean(fits["lip_ref"].fit_error)))
 
     run.run_chunks(compute)
     run.finish(finish)
-    run.close()
-    return StageRef(item_id=item, stage=STAGE, key=key, frames=crops.frames)
+    return run.result()

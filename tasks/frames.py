@@ -10,17 +10,16 @@ from typing import Iterator
 import numpy as np
 
 from freetalk_core import CROP_SIZE, video
-from freetalk_core import face_crop as fc
-from storage import Store
+from freetalk_core.face_crop import warp_to_crop
+from storage import Store, arrays
 
-MASK_TILE = 64
-"""Side of the stored pieces of frames that hold data in the mouth box only (`mouth_box_frames`)."""
+CROP_ROLES = (*arrays.ROLES, "output")
 
 
 def mouth_box_frames(frames: np.ndarray, box) -> np.ndarray:
     """`frames (T, H, W, 3)` with everything outside the mouth `box` set to 0. Nothing reads
     generated or filtered crops outside the box (the mouth mask lies inside it), and arrays
-    created with `tile=MASK_TILE` do not store the all-zero pieces."""
+    declared `TILED` in `storage.arrays` do not store the all-zero pieces."""
     x0, y0, x1, y1 = box
     out = np.zeros_like(frames)
     out[:, y0:y1, x0:x1] = frames[:, y0:y1, x0:x1]
@@ -60,24 +59,28 @@ class SourceFrames:
 
 
 class Crops:
-    """The aligned `(T, 512, 512, 3) uint8` crops of one video of an item (`role` identity or
-    lip_ref), made on demand from the input video and the transforms `face_crop` stored (a crop is one
-    decode and one affine warp away: cheaper to redo than to keep, 0.55 MB per frame).
+    """The aligned `(T, 512, 512, 3) uint8` crops of one video of an item (`role` identity,
+    lip_ref, or output: the item's output video, cropped where its identity frames were), made
+    on demand from the video and the transforms `face_crop` stored (a crop is one decode and one
+    affine warp away: cheaper to redo than to keep, 0.55 MB per frame).
 
     `path`: the video (the job's; else the one the store's items table records).
     `crops[t]`, `crops[a:b]` and `take(frames)` decode what they need; `reader(ranges)` gives a
     chunk reader for `run_chunks` with one decoder through ranges asked for in order."""
 
     def __init__(self, store: Store, item_id: str, role: str, path: str | None = None):
-        if role not in ("identity", "lip_ref"):
-            raise ValueError(f"role must be identity or lip_ref, got {role!r}")
-        if path is None:  # the input the store recorded for the item
+        if role not in CROP_ROLES:
+            raise ValueError(f"role must be one of {', '.join(CROP_ROLES)}, got {role!r}")
+        if path is None:  # the video the store recorded for the item
             path = (store.item(item_id) or {}).get(role)
             if not path:
                 raise FileNotFoundError(f"the store records no {role} video for item {item_id!r}")
-        self.path, self.fps = str(path), float(store.attrs(item_id, "face_crop")["fps"])
-        self.index = store.read(item_id, "face_crop", f"{role}_index")
-        self.transforms = store.read(item_id, "face_crop", f"{role}_transforms")
+        self.path, self.fps = str(path), float(store.attrs(item_id, arrays.FACE_CROP)["fps"])
+        # The output's frames are the output frames themselves, cropped like the identity's.
+        source = "identity" if role == "output" else role
+        self.transforms = store.read(item_id, arrays.CROP_TRANSFORMS[source])
+        self.index = (np.arange(len(self.transforms)) if role == "output"
+                      else store.read(item_id, arrays.SOURCE_INDEX[role]))
         self.shape = (len(self.index), CROP_SIZE, CROP_SIZE, 3)
         self.dtype = np.dtype(np.uint8)
 
@@ -85,7 +88,7 @@ class Crops:
         return self.shape[0]
 
     def _warp(self, sources: dict[int, np.ndarray], frames) -> np.ndarray:
-        return np.stack([fc.warp_to_crop(sources[self.index[t]], self.transforms[t], CROP_SIZE)
+        return np.stack([warp_to_crop(sources[self.index[t]], self.transforms[t], CROP_SIZE)
                          for t in frames]) if len(frames) else np.zeros((0,) + self.shape[1:], np.uint8)
 
     def take(self, frames) -> np.ndarray:
@@ -117,8 +120,8 @@ class StoredStructureFrames:
 
     def __init__(self, store: Store, item_id: str, identity: str | None = None):
         self.crops = Crops(store, item_id, "identity", identity)
-        self.layer = store.array(item_id, "structure_render", "frames")
-        self.changed = store.array(item_id, "structure_render", "changed")
+        self.layer = store.array(item_id, arrays.STRUCTURE_LAYER)
+        self.changed = store.array(item_id, arrays.STRUCTURE_CHANGED)
         self.shape, self.dtype = self.crops.shape, self.crops.dtype
 
     def __len__(self) -> int:

@@ -16,16 +16,15 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 
-from freetalk_core import CROP_SIZE, video
-from freetalk_core import face_crop as fc
-from freetalk_core import noise_sensor as ns
-from storage import Store, sha256_file
+from freetalk_core import CROP_SIZE, noise_sensor, video
+from freetalk_core.paste_back import paste_back
+from storage import Store, arrays, sha256_file
 from tasks import provenance
 from tasks.chunks import FINISH, StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, chunk_ranges, mask_weights, read_flows
-from tasks.frames import MASK_TILE, SourceFrames
+from tasks.frames import SourceFrames
 
-STAGE = "noise_filter"
+STAGE = arrays.NOISE_FILTER
 
 SILENT_OUTPUT = ("neither the lip reference nor --audio has an audio track: the output is silent "
                  "(give --audio FILE, or an audio column in a manifest, for sound)")
@@ -41,8 +40,8 @@ def output_audio(job: ItemJob) -> str | None:
 
 
 def _flow_reader(store: Store, item: str):
-    g = store.array(item, "optical_flow", "generated_flow")
-    r = store.array(item, "optical_flow", "reference_flow")
+    g = store.array(item, arrays.GENERATED_FLOW)
+    r = store.array(item, arrays.REFERENCE_FLOW)
     return lambda start, stop: (read_flows(g, start, stop), read_flows(r, start, stop))
 
 
@@ -55,20 +54,20 @@ def pasted_frames(store: Store, job: ItemJob):
     """Full-resolution output frames: identity frames (decoded from the identity video a chunk
     at a time) with the filtered mouth pasted in."""
     item = job.item_id
-    crops = store.array(item, STAGE, "frames")
-    masks = store.array(item, "face_crop", "mouth_masks")
-    transforms = store.read(item, "face_crop", "identity_transforms")
-    id_index = store.read(item, "face_crop", "identity_index")
+    crops = store.array(item, arrays.FILTERED_FRAMES)
+    masks = store.array(item, arrays.MOUTH_MASKS)
+    transforms = store.read(item, arrays.CROP_TRANSFORMS["identity"])
+    id_index = store.read(item, arrays.SOURCE_INDEX["identity"])
     chunks = chunk_ranges(crops.shape[0], job.chunk_frames)
     identity = SourceFrames(job.identity, job.fps, id_index, chunks)
     for start, stop in chunks:
         frames = identity(start, stop)
         crop_block, mask_block = crops[start:stop], mask_weights(masks[start:stop])
         for t in range(start, stop):
-            yield fc.paste_back(frames[id_index[t]], crop_block[t - start], transforms[t], mask_block[t - start])
+            yield paste_back(frames[id_index[t]], crop_block[t - start], transforms[t], mask_block[t - start])
 
 
-@task(name="noise_filter", **STAGE_TASK)
+@task(name=STAGE, **STAGE_TASK)
 def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
                  flows: StageRef) -> StageRef:
     """`noise_pattern (512, 512) float32` (for a clip longer than `noise_window` flow fields,
@@ -79,11 +78,10 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
     store = run.store
     output = store.output_path(item)
     if run.complete and output.exists():
-        run.close()
-        return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
+        return run.result()
     if not output.exists():
         run.done.discard(FINISH)
-    x0, y0, x1, y1 = store.attrs(item, "optical_flow")["box"]
+    x0, y0, x1, y1 = store.attrs(item, arrays.OPTICAL_FLOW)["box"]
     n_flows = n - 1
     filtered = n > 2
     read = _flow_reader(store, item) if filtered else None
@@ -92,22 +90,18 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
     def setup():
         pattern = np.zeros((CROP_SIZE, CROP_SIZE), np.float32)
         if filtered:
-            shift = ns.flow_means(read, n_flows, job.chunk_frames)
-            store.write_array(item, STAGE, "flow_mean_generated", shift[0])
-            store.write_array(item, STAGE, "flow_mean_reference", shift[1])
-            total = np.zeros((y1 - y0, x1 - x0), np.float64)
-            for _, frame_pattern in ns.window_noise_patterns(read, n_flows, window, shift=shift,
-                                                             block=job.chunk_frames):
-                total += frame_pattern
-            pattern[y0:y1, x0:x1] = total / (n_flows + 1)
-        store.write_array(item, STAGE, "noise_pattern", pattern)
+            shift = noise_sensor.flow_means(read, n_flows, job.chunk_frames)
+            store.write_array(item, arrays.FLOW_MEAN_GENERATED, shift[0])
+            store.write_array(item, arrays.FLOW_MEAN_REFERENCE, shift[1])
+            pattern[y0:y1, x0:x1] = noise_sensor.clip_noise_pattern(read, n_flows, window, shift, job.chunk_frames)
+        store.write_array(item, arrays.NOISE_PATTERN, pattern)
 
     run.setup(setup)
     if filtered:
-        shift = (store.read(item, STAGE, "flow_mean_generated"), store.read(item, STAGE, "flow_mean_reference"))
-    diffused = store.array(item, "diffusion", "frames")
-    masks = store.array(item, "face_crop", "mouth_masks")
-    out = store.open_array(item, STAGE, "frames", diffused.shape, np.uint8, job.chunk_frames, tile=MASK_TILE)
+        shift = (store.read(item, arrays.FLOW_MEAN_GENERATED), store.read(item, arrays.FLOW_MEAN_REFERENCE))
+    diffused = store.array(item, arrays.GENERATED_FRAMES)
+    masks = store.array(item, arrays.MOUTH_MASKS)
+    out = store.open_array(item, arrays.FILTERED_FRAMES, diffused.shape, job.chunk_frames)
     half = job.kernel_size // 2
 
     def read_chunk(start, stop):
@@ -118,12 +112,13 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
         lo, hi, frames, region, mask = inputs
         if filtered:
             # This chunk's frames' own window statistics, and the ideal flow of its context.
-            sigma = np.stack([p for _, p in ns.window_noise_patterns(
+            sigma = np.stack([p for _, p in noise_sensor.window_noise_patterns(
                 read, n_flows, window, start, stop, shift, job.chunk_frames)])
-            motion = (ns.ideal_flow_range(read, n_flows, window, lo, hi - 1, shift, job.chunk_frames)
+            motion = (noise_sensor.ideal_flow_range(read, n_flows, window, lo, hi - 1, shift,
+                                                    job.chunk_frames)
                       if job.filter_along_motion else None)
-            frames[:, y0:y1, x0:x1] = ns.temporal_filter_chunk(region, sigma, start, stop, n, job.kernel_size,
-                                                               mask=mask, motion=motion)
+            frames[:, y0:y1, x0:x1] = noise_sensor.temporal_filter_chunk(
+                region, sigma, start, stop, n, job.kernel_size, mask=mask, motion=motion)
         # Only the mouth mask reaches the output (paste-back weighs by it): 0 elsewhere.
         frames[:, y0:y1, x0:x1][mask == 0] = 0
         out[start:stop] = frames
@@ -131,12 +126,12 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
     run.run_chunks(compute, read_chunk)
 
     def finish():
-        pattern = store.read(item, STAGE, "noise_pattern")
-        mnp = ns.mean_noise_pattern(pattern, _mean_mask(masks))
+        pattern = store.read(item, arrays.NOISE_PATTERN)
+        mnp = noise_sensor.mean_noise_pattern(pattern, _mean_mask(masks))
         store.record_metrics(item, {"MNP": mnp})
         report = store.report_dir(item)
         report.mkdir(parents=True, exist_ok=True)
-        _save_png(report / "noise_pattern.png", ns.noise_pattern_heatmap(pattern))
+        _save_png(report / "noise_pattern.png", noise_sensor.noise_pattern_heatmap(pattern))
         audio = output_audio(job)
         if audio is None:
             get_run_logger().warning("%s: %s", item, SILENT_OUTPUT)
@@ -155,11 +150,11 @@ def noise_filter(job: ItemJob, key: str, crops: StageRef, generated: StageRef,
             partial.unlink(missing_ok=True)
         store.record_metrics(item, {"watermarked": float(job.mark)})
         store.set_attrs(item, STAGE, mnp=float(mnp), output=str(output), output_sha256=sha256_file(output),
-                        marked=job.mark, watermark_id=provenance.watermark_id(job), label=job.label)
+                        marked=job.mark, watermark_id=provenance.watermark_id(job), label=job.label,
+                        statistics_window=int(window), models=job.models)
 
     run.finish(finish)
-    run.close()
-    return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
+    return run.result()
 
 
 def _mean_mask(masks) -> np.ndarray:

@@ -12,34 +12,33 @@ import numpy as np
 from prefect import task
 
 from freetalk_core import CROP_SIZE
-from freetalk_core import fit_3dmm as fit
-from freetalk_core import structure_render as sr
+from freetalk_core.fit_3dmm import load_face_model
+from freetalk_core.structure_render import StructureFrames
+from storage import arrays
 from tasks.chunks import StageRun
 from tasks.common import STAGE_TASK, ItemJob, StageRef, load_cached, load_fit
-from tasks.frames import MASK_TILE, Crops
+from tasks.frames import Crops
 
-STAGE = "structure_render"
+STAGE = arrays.STRUCTURE_RENDER
 
 
-@task(name="structure_render", **STAGE_TASK)
+@task(name=STAGE, **STAGE_TASK)
 def structure_render(job: ItemJob, key: str, crops: StageRef, fits: StageRef) -> StageRef:
     """Render the structure frames, a chunk of frames at a time (a long clip's crops are never
     all in memory; a crash resumes at the first missing chunk), and keep what they change."""
     item, n = job.item_id, crops.frames
     run = StageRun(job, STAGE, key, n)
     if run.complete:
-        run.close()
-        return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
+        return run.result()
     store = run.store
-    model = load_cached("face model", lambda: fit.load_face_model(job.models_dir / "eos"),
+    model = load_cached("face model", lambda: load_face_model(job.models_dir / "eos"),
                         models=job.models_dir, components=("eos",))
     identity_crops = Crops(store, item, "identity", job.identity)
-    frames = sr.StructureFrames(
-        model, identity_crops, store.read(item, "face_crop", "identity_landmarks"),
-        load_fit(store, item, "identity"), store.read(item, "face_crop", "lip_ref_landmarks"))
-    layer = store.open_array(item, STAGE, "frames", (n, CROP_SIZE, CROP_SIZE, 3), np.uint8, job.chunk_frames,
-                             tile=MASK_TILE)
-    changed = store.open_array(item, STAGE, "changed", (n, CROP_SIZE, CROP_SIZE), bool, job.chunk_frames)
+    frames = StructureFrames(
+        model, identity_crops, store.read(item, arrays.LANDMARKS["identity"]),
+        load_fit(store, item, "identity"), store.read(item, arrays.LANDMARKS["lip_ref"]))
+    layer = store.open_array(item, arrays.STRUCTURE_LAYER, (n, CROP_SIZE, CROP_SIZE, 3), job.chunk_frames)
+    changed = store.open_array(item, arrays.STRUCTURE_CHANGED, (n, CROP_SIZE, CROP_SIZE), job.chunk_frames)
 
     def compute(start, stop, block):
         rendered = np.stack([frames.frame(t, block[t - start]) for t in range(start, stop)])
@@ -48,5 +47,4 @@ def structure_render(job: ItemJob, key: str, crops: StageRef, fits: StageRef) ->
         changed[start:stop] = differs
 
     run.run_chunks(compute, identity_crops.reader(run.pending_ranges()))
-    run.close()
-    return StageRef(item_id=item, stage=STAGE, key=key, frames=n)
+    return run.result()

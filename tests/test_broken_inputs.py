@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import faststart_copy
+from conftest import computed_since, faststart_copy, write_sample_pair
 
 from freetalk_core import video
 from storage import Store
@@ -30,12 +30,8 @@ SETTINGS = dict(steps=2, guidance=1.0, batch_size=5)
 def clips(tmp_path_factory, samples_dir):
     """A good 10-frame pair, one-frame clips, and the broken inputs users send."""
     folder = tmp_path_factory.mktemp("clips")
-    identity = video.read_video(samples_dir / "SadTalker__WDA_KatieHill_000.mp4", fps=25.0, max_frames=FRAMES)
-    lip = video.read_video(samples_dir / "MimicTalk__May_5s.mp4", fps=25.0, max_frames=FRAMES)
-    video.write_video(folder / "identity.mp4", iter(identity), 25.0)
-    video.write_video(folder / "lip.mp4", iter(lip), 25.0, audio=samples_dir / "MimicTalk__May_5s.mp4")
-    video.write_video(folder / "identity-1-frame.mp4", iter(identity[:1]), 25.0)
-    video.write_video(folder / "lip-1-frame.mp4", iter(lip[:1]), 25.0, audio=samples_dir / "MimicTalk__May_5s.mp4")
+    write_sample_pair(folder, samples_dir, FRAMES)
+    write_sample_pair(folder, samples_dir, 1, names=("identity-1-frame.mp4", "lip-1-frame.mp4"))
     data = (folder / "identity.mp4").read_bytes()
     (folder / "truncated.mp4").write_bytes(data[:len(data) // 2])  # index at the end: lost
     fast = faststart_copy(folder / "identity.mp4", folder / "faststart.mp4").read_bytes()
@@ -185,13 +181,6 @@ def test_a_4k_identity_gives_a_4k_output_streamed_a_chunk_at_a_time(clips, prefe
 
 
 # ------------------------------------------------------------------------------------ nothing lost
-def _computed_since(store: Store, item: str, since: datetime) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in store.stage_rows(item):
-        if row["status"] == "done" and row["finished_at"] > since:
-            counts[row["stage"]] = counts.get(row["stage"], 0) + 1
-    return counts
-
 
 def _now() -> datetime:
     time.sleep(0.01)
@@ -218,19 +207,19 @@ def test_a_missing_diffusion_model_file_fails_the_item_and_keeps_the_stages_befo
     since = _now()
     _run(job)
     assert store.item(job.item_id)["status"] == "done"
-    assert set(_computed_since(store, job.item_id, since)) == {"diffusion", "optical_flow", "noise_filter"}
+    assert set(computed_since(store, job.item_id, since)) == {"diffusion", "optical_flow", "noise_filter"}
 
 
 @pytest.mark.parametrize("failure", ["encoding", "signing"])
 def test_a_failure_while_writing_the_output_leaves_no_file_under_its_name(failure, clips, tiny_models, tmp_path,
                                                                           monkeypatch):
-    import tasks.noise_filter as nf
+    from tasks import noise_filter
 
     job = _job(clips / "identity.mp4", clips / "lip.mp4", tmp_path / "store", tiny_models)
     store = Store(job.store)
     out = tmp_path / "out.mp4"
     if failure == "encoding":
-        real = nf.pasted_frames
+        real = noise_filter.pasted_frames
 
         def frames_then_failure(*args):
             for i, frame in enumerate(real(*args)):
@@ -238,12 +227,12 @@ def test_a_failure_while_writing_the_output_leaves_no_file_under_its_name(failur
                     raise OSError("disk full")
                 yield frame
 
-        monkeypatch.setattr(nf, "pasted_frames", frames_then_failure)
+        monkeypatch.setattr(noise_filter, "pasted_frames", frames_then_failure)
     else:
         def failed_signing(*args, **kwargs):
             raise RuntimeError("signing service down")
 
-        monkeypatch.setattr(nf.provenance, "sign_output", failed_signing)
+        monkeypatch.setattr(noise_filter.provenance, "sign_output", failed_signing)
     with pytest.raises((OSError, RuntimeError)):
         _run(job, out)
     assert not store.output_path(job.item_id).exists() and not out.exists()
@@ -255,7 +244,7 @@ def test_a_failure_while_writing_the_output_leaves_no_file_under_its_name(failur
     since = _now()
     _run(job, out)
     # Only the output is made again: every stage's chunks and the noise filter's were kept.
-    assert _computed_since(store, job.item_id, since) == {"noise_filter": 1}
+    assert computed_since(store, job.item_id, since) == {"noise_filter": 1}
     assert video.probe(out).n_frames == FRAMES
     from freetalk_core.provenance import verify
 

@@ -4,29 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from freetalk_core import clip_embed, models
+from freetalk_core import clip_embed
 from freetalk_core.errors import ModelFileError
+from freetalk_core.models import layout
 
-from conftest import EOS_DIR
-
-HIDDEN = models.TINY_CLIP_VISION_CONFIG["hidden_size"]
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("models")
-    eos = EOS_DIR
-    if not eos.is_dir():
-        eos = tmp / "eos-placeholder"
-        eos.mkdir()
-        for name in models.EOS_FILES.values():
-            (eos / name).write_text("placeholder: the embedding tests never read eos files\n")
-    return models.write_tiny_models(tmp / "m", eos_source=eos)
+HIDDEN = layout.TINY_CLIP_VISION_CONFIG["hidden_size"]
 
 
 @pytest.fixture(scope="module")
-def encoder(models_dir):
-    return clip_embed.load_image_encoder(models_dir)
+def encoder(tiny_models_anywhere):
+    return clip_embed.load_image_encoder(tiny_models_anywhere)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +80,8 @@ def _face_landmarks(shift=(0.0, 0.0)):
     return landmarks + np.float32(shift)
 
 
-def test_identity_embedding_is_mean_of_normalised_arcface(models_dir, frames):
-    arcface = clip_embed.load_arcface(models_dir)
+def test_identity_embedding_is_mean_of_normalised_arcface(tiny_models_anywhere, frames):
+    arcface = clip_embed.load_arcface(tiny_models_anywhere)
     landmarks = np.stack([_face_landmarks()] * 3)
     z = clip_embed.identity_embedding(arcface, frames[:3], landmarks)
     assert z.shape == (512,) and z.dtype == np.float32
@@ -105,10 +92,10 @@ def test_identity_embedding_is_mean_of_normalised_arcface(models_dir, frames):
     assert np.linalg.norm(z) < 1.0  # different faces do not average to a unit vector
 
 
-def test_identity_embedding_follows_the_landmarks(models_dir):
+def test_identity_embedding_follows_the_landmarks(tiny_models_anywhere):
     """The same face moved inside the crop gives the same embedding when its landmarks move
     with it (alignment by the five keypoints), and a different one when they do not."""
-    arcface = clip_embed.load_arcface(models_dir)
+    arcface = clip_embed.load_arcface(tiny_models_anywhere)
     rng = np.random.default_rng(2)
     crop = np.zeros((512, 512, 3), np.uint8)
     crop[100:420, 100:420] = rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)
@@ -120,10 +107,10 @@ def test_identity_embedding_follows_the_landmarks(models_dir):
     assert np.abs(base - unaligned).max() > 1e-2
 
 
-def test_frames_without_landmarks_are_left_out(models_dir, frames):
+def test_frames_without_landmarks_are_left_out(tiny_models_anywhere, frames):
     from freetalk_core.errors import NoFaceError
 
-    arcface = clip_embed.load_arcface(models_dir)
+    arcface = clip_embed.load_arcface(tiny_models_anywhere)
     landmarks = np.stack([_face_landmarks()] * 3)
     landmarks[1] = np.nan
     z = clip_embed.identity_embedding(arcface, frames[:3], landmarks)
@@ -133,9 +120,9 @@ def test_frames_without_landmarks_are_left_out(models_dir, frames):
         clip_embed.identity_embedding(arcface, frames[:1], np.full((1, 68, 2), np.nan, np.float32))
 
 
-def test_bad_inputs_are_rejected(encoder, models_dir):
+def test_bad_inputs_are_rejected(encoder, tiny_models_anywhere):
     with pytest.raises(ValueError, match="uint8"):
         clip_embed.structure_embeddings(encoder, np.zeros((1, 512, 512, 3), np.float32))
-    arcface = clip_embed.load_arcface(models_dir)
+    arcface = clip_embed.load_arcface(tiny_models_anywhere)
     with pytest.raises(ValueError, match="landmarks"):
         clip_embed.identity_embedding(arcface, np.zeros((2, 512, 512, 3), np.uint8), np.zeros((1, 68, 2)))

@@ -179,12 +179,17 @@ def test_failed_items_are_skipped_on_rerun_and_retried_with_retry_failed(prefect
     rows_before = len(store.stage_rows())
     failed_at = store.item("missing")["updated_at"]
     code, out, err = _finish(_dataset(prefect_server, clips / "manifest.csv", store.root, tiny_models,
-                                      workers=1))
+                                      "--evaluate", workers=1))
     assert code == 1
     lines = _failure_lines(err)
     assert len(lines) == 4 and all("failed before" in line and "--retry-failed" in line for line in lines[1:])
     assert store.item("missing")["updated_at"] == failed_at  # skipped, not tried
     assert len(store.stage_rows()) == rows_before  # the done items did not run again
+    # --evaluate: every done item measured, the failed ones listed as not done, the report written
+    metrics = store.metrics()
+    assert all({"PD", "PCLD", "CPBD", "MNP_after", "CSIM"} <= set(metrics[item]) for item in ITEMS)
+    assert "4 evaluated, 0 not evaluated" in out and "4 item(s) not done, not evaluated" in err
+    assert (store.root / "evaluation" / "index.html").is_file()
 
     code, out, err = _finish(_dataset(prefect_server, clips / "manifest.csv", store.root, tiny_models,
                                       "--retry-failed", workers=1))

@@ -6,33 +6,16 @@ import torch
 
 from freetalk_core import diffusion, models
 from freetalk_core.errors import ModelFileError
-
-from conftest import EOS_DIR
+from freetalk_core.models import layout
 
 SIZE = 512
 STEPS = 3
-CLIP_HIDDEN = models.TINY_CLIP_VISION_CONFIG["hidden_size"]
-
-
-def _eos_source(tmp_path):
-    if EOS_DIR.is_dir():
-        return EOS_DIR
-    folder = tmp_path / "eos-placeholder"
-    folder.mkdir()
-    for name in models.EOS_FILES.values():
-        (folder / name).write_text("placeholder: the diffusion tests never read eos files\n")
-    return folder
+CLIP_HIDDEN = layout.TINY_CLIP_VISION_CONFIG["hidden_size"]
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("models")
-    return models.write_tiny_models(tmp / "m", eos_source=_eos_source(tmp))
-
-
-@pytest.fixture(scope="module")
-def pipe(models_dir):
-    return diffusion.load_pipeline(models_dir)
+def pipe(tiny_models_anywhere):
+    return diffusion.load_pipeline(tiny_models_anywhere)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +65,7 @@ def test_pipeline_has_faceid_plus_lora_and_dpm_solver(pipe):
 def test_faceid_lora_changes_the_unet_output(pipe):
     torch.manual_seed(0)
     sample = torch.randn(2, 9, 16, 16)
-    context = torch.randn(2, 77, models.TINY_UNET_CONFIG["cross_attention_dim"])
+    context = torch.randn(2, 77, layout.TINY_UNET_CONFIG["cross_attention_dim"])
     projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
     projection.clip_embeds = torch.randn(2, 1, 257, CLIP_HIDDEN)
     cond = {"image_embeds": [torch.randn(2, 1, 512)]}
@@ -97,18 +80,18 @@ def test_faceid_lora_changes_the_unet_output(pipe):
     assert (with_lora - without_lora).abs().max() > 1e-4
 
 
-def test_plusv2_turns_the_shortcut_on(models_dir):
-    pipe_v2 = diffusion.load_pipeline(models_dir, faceid_variant="plusv2")
+def test_plusv2_turns_the_shortcut_on(tiny_models_anywhere):
+    pipe_v2 = diffusion.load_pipeline(tiny_models_anywhere, faceid_variant="plusv2")
     assert pipe_v2.unet.encoder_hid_proj.image_projection_layers[0].shortcut is True
 
 
-def test_missing_faceid_file_is_a_model_file_error(tmp_path, models_dir, monkeypatch):
+def test_missing_faceid_file_is_a_model_file_error(tmp_path, tiny_models_anywhere, monkeypatch):
     import shutil
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     broken = tmp_path / "m"
-    shutil.copytree(models_dir, broken, symlinks=True)
+    shutil.copytree(tiny_models_anywhere, broken, symlinks=True)
     models.faceid_path(broken).unlink()
     with pytest.raises(ModelFileError, match="ip-adapter-faceid-plus_sd15.bin"):
         diffusion.load_pipeline(broken)
@@ -191,8 +174,8 @@ def test_bad_inputs_are_rejected(pipe, inputs):
                                   diffusion.initial_noise(0, 256, 256))
 
 
-def test_fused_lora_and_channels_last_keep_the_result(models_dir, inputs):
-    fresh = diffusion.load_pipeline(models_dir)
+def test_fused_lora_and_channels_last_keep_the_result(tiny_models_anywhere, inputs):
+    fresh = diffusion.load_pipeline(tiny_models_anywhere)
     before = _generate(fresh, inputs, frames=slice(0, 2), output_type="float", steps=2)
     diffusion.optimize_pipeline(fresh, channels_last=True, vae_slicing=True)
     assert diffusion.faceid_lora_layers(fresh) == []  # folded into the attention weights
@@ -243,3 +226,41 @@ def test_throughput_bench_runs_on_tiny_models(tmp_path, monkeypatch):
     assert result["size"] == "tiny" and json.loads(out.read_text())["frames"] == 2
     assert result["freetalk"]["frames_per_s"] > 0 and result["baseline"]["frames_per_s"] > 0
     assert result["freetalk"]["tflop_per_frame"] > 0
+
+
+GPU_WEIGHTS_BUDGET = 3 * 2**30
+GPU_FRAME_BUDGET = 2**30
+"""What `diffusion.default_batch_size` allows on a GPU: 3 GiB for the weights, 1 GiB per frame."""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_full_size_pipeline_on_gpu_stays_within_the_batch_size_rule(tmp_path):
+    """The real-size pipeline (random weights) at the product's precision and settings: the
+    weights and a batch of 4 frames at 512 x 512 with guidance fit the memory that
+    `default_batch_size` plans for, so a batch it picks from free memory does not run out."""
+    from freetalk_core.models.tiny import full_size_random_pipeline
+
+    device = "cuda"
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    pipe, clip_hidden = full_size_random_pipeline(device, diffusion.default_dtype(device), tmp_path)
+    pipe = diffusion.optimize_pipeline(pipe)
+    weights = torch.cuda.memory_allocated() - start
+    assert weights <= GPU_WEIGHTS_BUDGET, f"weights take {weights / 2**30:.2f} GiB"
+    torch.cuda.reset_peak_memory_stats()
+    rng = np.random.default_rng(0)
+    n = 4
+    masks = np.zeros((n, SIZE, SIZE), np.float32)
+    masks[:, 280:470, 130:382] = 1.0
+    frames = diffusion.generate_in_batches(
+        pipe, rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8), masks,
+        rng.standard_normal((n, 257, clip_hidden)).astype(np.float32),
+        rng.standard_normal((257, clip_hidden)).astype(np.float32),
+        rng.standard_normal(512).astype(np.float32), diffusion.initial_noise(42),
+        batch_size=n, steps=2)
+    peak = torch.cuda.max_memory_allocated() - start
+    assert frames.shape == (n, SIZE, SIZE, 3) and frames.dtype == np.uint8
+    budget = GPU_WEIGHTS_BUDGET + n * GPU_FRAME_BUDGET
+    assert peak <= budget, f"peak {peak / 2**30:.2f} GiB over the {budget / 2**30:.0f} GiB budget"

@@ -2,6 +2,7 @@ import av
 import cv2
 import numpy as np
 import pytest
+from conftest import decode
 
 from freetalk_core.errors import NoFaceError
 from freetalk_core.face_crop import (
@@ -11,25 +12,16 @@ from freetalk_core.face_crop import (
     fill_and_smooth,
     invert_transform,
     mouth_mask,
-    paste_back,
     track_landmarks,
     transform_points,
     warp_to_crop,
 )
+from freetalk_core.paste_back import paste_back
 
 # Template positions the crop promises (see CROP_TEMPLATE's docstring).
 LEFT_EYE_AT = np.array([196.0, 215.0])
 RIGHT_EYE_AT = np.array([316.0, 215.0])
 MOUTH_AT = np.array([256.0, 350.0])
-
-
-def decode(path, n):
-    """The first `n` frames of a video as a generator of (H, W, 3) uint8 RGB."""
-    with av.open(str(path)) as container:
-        for index, frame in enumerate(container.decode(video=0)):
-            if index >= n:
-                return
-            yield frame.to_ndarray(format="rgb24")
 
 
 def inter_ocular(landmarks):

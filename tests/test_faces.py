@@ -149,7 +149,8 @@ def test_small_face_in_a_tall_frame_is_found_on_every_frame_and_pasted_back_with
     assert frames.shape[1:3] == (1920, 1080)
     landmarks, found = track_landmarks(iter(frames), detector)
     assert found.all()
-    from freetalk_core.face_crop import crop_transforms, mouth_mask, paste_back, transform_points, warp_to_crop
+    from freetalk_core.face_crop import crop_transforms, mouth_mask, transform_points, warp_to_crop
+    from freetalk_core.paste_back import paste_back
 
     smoothed, passthrough = fill_and_smooth(landmarks, found)
     assert not passthrough.any()
@@ -209,11 +210,11 @@ def cut_away_two_faces_run(tmp_path_factory, tiny_models, samples_dir):
 
 
 def test_cut_away_frames_and_the_other_face_come_out_untouched(cut_away_two_faces_run):
-    from storage import Store
+    from storage import Store, arrays
 
     job, identity, output, again = cut_away_two_faces_run
     assert output.shape == identity.shape == (25, 384, 640, 3)
-    passthrough = Store(job.store).read(job.item_id, "face_crop", "identity_passthrough")
+    passthrough = Store(job.store).read(job.item_id, arrays.IDENTITY_PASSTHROUGH)
     assert passthrough.tolist() == [False] * 8 + [True] * 10 + [False] * 7
     diff = np.abs(output.astype(int) - identity.astype(int))
     codec = np.abs(again.astype(int) - identity.astype(int))
@@ -229,15 +230,13 @@ def test_cut_away_frames_and_the_other_face_come_out_untouched(cut_away_two_face
 
 
 def test_face_options_on_generate_and_dataset_reach_the_face_crop_key(tmp_path, tiny_models):
+    import inspect
+
     import typer
 
     from flows.cli import app, generation_settings
-    from flows.generate import make_job, stage_keys
-
-    import inspect
-
     from flows.dataset import process_dataset
-    from flows.generate import generate_pair
+    from flows.generate import generate_pair, make_job, stage_keys
 
     command = typer.main.get_command(app)
     for name in ("generate", "dataset"):

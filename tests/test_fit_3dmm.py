@@ -1,6 +1,6 @@
-import av
 import numpy as np
 import pytest
+from conftest import decode
 
 from freetalk_core.errors import ModelFileError
 from freetalk_core.face_crop import (
@@ -18,14 +18,6 @@ from freetalk_core.fit_3dmm import (
     load_face_model,
     smooth_fit,
 )
-
-
-def decode(path, n):
-    with av.open(str(path)) as container:
-        for index, frame in enumerate(container.decode(video=0)):
-            if index >= n:
-                return
-            yield frame.to_ndarray(format="rgb24")
 
 
 def crop_landmarks(path, n):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import faststart_copy
+from conftest import faststart_copy, write_sample_pair
 
 from freetalk_core import video
 from storage import Store
@@ -63,10 +63,7 @@ def corrupted(data: bytes, kind: str, rng: np.random.Generator) -> bytes:
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory, samples_dir):
     folder = tmp_path_factory.mktemp("fuzz")
-    identity = video.read_video(samples_dir / "SadTalker__WDA_KatieHill_000.mp4", fps=25.0, max_frames=FRAMES)
-    lip = video.read_video(samples_dir / "MimicTalk__May_5s.mp4", fps=25.0, max_frames=FRAMES)
-    video.write_video(folder / "identity-plain.mp4", iter(identity), 25.0)
-    video.write_video(folder / "lip-plain.mp4", iter(lip), 25.0, audio=samples_dir / "MimicTalk__May_5s.mp4")
+    write_sample_pair(folder, samples_dir, FRAMES, names=("identity-plain.mp4", "lip-plain.mp4"))
     # Index first (as streaming exports write it): cut-off copies still open, with frames missing.
     bases = {role: faststart_copy(folder / f"{role}-plain.mp4", folder / f"{role}.mp4").read_bytes()
              for role in ("identity", "lip")}
@@ -85,7 +82,7 @@ def manifest(tmp_path_factory, samples_dir):
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "text.mp4").write_text("this is a text file, renamed\n")
     shutil.copy(samples_dir / "EDTalk__mouth_source.wav", folder / "audio-only.wav")
-    video.write_video(folder / "one-frame.mp4", iter(identity[:1]), 25.0)
+    write_sample_pair(folder, samples_dir, 1, names=("one-frame.mp4", "one-frame-lip.mp4"))
     rows += ["truncated,truncated.mp4,lip.mp4", "empty,empty.mp4,lip.mp4", "text,identity.mp4,text.mp4",
              "audio-only,audio-only.wav,lip.mp4", "missing,nowhere.mp4,lip.mp4", "one-frame,one-frame.mp4,lip.mp4"]
     path = folder / "fuzz.csv"  # its own run name: dataset[fuzz]

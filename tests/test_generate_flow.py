@@ -9,8 +9,9 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from conftest import generate_beside_store, outside_mouth_masks, write_sample_pair
 
-from storage import STAGES, Store
+from storage import STAGES, Store, arrays
 from tasks.common import mask_weights, read_flows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,28 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def one_second_pair(tmp_path_factory, samples_dir):
-    from freetalk_core import video
-
-    folder = tmp_path_factory.mktemp("clips")
-    clips = []
-    for name in ("SadTalker__WDA_KatieHill_000.mp4", "MimicTalk__May_5s.mp4"):
-        source = samples_dir / name
-        frames = video.read_video(source, fps=25.0, max_frames=25)
-        out = folder / name
-        video.write_video(out, iter(frames), 25.0, audio=source)
-        clips.append(out)
-    return clips
+    return list(write_sample_pair(tmp_path_factory.mktemp("clips"), samples_dir, 25,
+                                  names=("SadTalker__WDA_KatieHill_000.mp4", "MimicTalk__May_5s.mp4"),
+                                  identity_audio=True))
 
 
 def _run(job):
-    from flows.generate import generate_to
-    from flows.runtime import configure_environment, store_settings
-
-    configure_environment()
-    with store_settings(Path(job.store)):
-        start = time.perf_counter()
-        out = generate_to(job, Path(job.store).parent / f"{job.item_id}.mp4")
-        return out, time.perf_counter() - start
+    start = time.perf_counter()
+    out = generate_beside_store(job)
+    return out, time.perf_counter() - start
 
 
 @pytest.fixture(scope="module")
@@ -82,30 +70,57 @@ def test_store_holds_every_stage_done(first_run):
     assert {r["stage"] for r in rows if r["status"] == "done"} == set(STAGES)
     for stage in STAGES:
         assert store.has_stage_group(job.item_id, stage), stage
-    assert store.read(job.item_id, "structure_render", "changed").shape == (25, 512, 512)
-    assert store.read(job.item_id, "diffusion", "frames").shape == (25, 512, 512, 3)
-    assert store.read(job.item_id, "noise_filter", "noise_pattern").shape == (512, 512)
+    assert store.read(job.item_id, arrays.STRUCTURE_CHANGED).shape == (25, 512, 512)
+    assert store.read(job.item_id, arrays.GENERATED_FRAMES).shape == (25, 512, 512, 3)
+    assert store.read(job.item_id, arrays.NOISE_PATTERN).shape == (512, 512)
     assert "MNP" in store.metrics(job.item_id)[job.item_id]
 
 
 def test_output_equals_identity_outside_the_mouth_mask(first_run):
-    from freetalk_core import face_crop as fc
     from freetalk_core import video
 
     job, out, _ = first_run
-    store = Store(job.store)
     identity = video.read_video(job.identity, fps=25.0)
     output = video.read_video(out, fps=25.0)
-    masks = mask_weights(store.read(job.item_id, "face_crop", "mouth_masks"))
-    transforms = store.read(job.item_id, "face_crop", "identity_transforms")
-    index = store.read(job.item_id, "face_crop", "identity_index")
-    for t in range(0, len(output), 6):
-        ident = identity[index[t]]
-        full_mask = fc.paste_back(np.zeros_like(ident), np.full((512, 512, 3), 255, np.uint8),
-                                  transforms[t], masks[t])[..., 0]
-        outside = (full_mask == 0).astype(np.float64)
+    for t, ident, outside in outside_mouth_masks(Store(job.store), job.item_id, identity, len(output)):
         assert outside.mean() > 0.5
-        assert _psnr(output[t], ident, outside) > 35
+        assert _psnr(output[t], ident, outside.astype(np.float64)) > 35
+
+
+def test_every_stored_array_is_in_the_catalogue_as_declared(first_run):
+    """Each array the run wrote is a catalogue entry (and each entry was written), with its
+    declared dtype and chunking; a named size is the same in every array that has it."""
+    import zarr
+
+    job, _, _ = first_run
+    store = Store(job.store)
+    group = store.item_group(job.item_id)
+    assert set(group.group_keys()) == set(STAGES)
+    written = {f"{stage}/{name}": array for stage in STAGES for name, array in group[stage].arrays()}
+    assert set(written) == {path for path, spec in arrays.CATALOGUE.items() if spec.stage in STAGES}
+    n = store.item(job.item_id)["n_frames"]
+    x0, y0, x1, y1 = store.attrs(job.item_id, arrays.OPTICAL_FLOW)["box"]
+    sizes = {"T": n, "F": n - 1, "crop": 512, "h": y1 - y0, "w": x1 - x0}
+    for path, array in sorted(written.items()):
+        spec = arrays.CATALOGUE[path]
+        assert array.dtype == spec.dtype, path
+        assert len(array.shape) == len(spec.shape), path
+        for declared, size in zip(spec.shape, array.shape):
+            expected = declared if isinstance(declared, int) else sizes.setdefault(declared, size)
+            assert size == expected, (path, declared)
+        shape, frames = array.shape, min(job.chunk_frames, array.shape[0]) if array.shape else None
+        if spec.chunking == arrays.FRAMES:
+            assert (array.chunks, array.shards) == ((frames,) + shape[1:], None), path
+        elif spec.chunking == arrays.TILED:
+            assert array.shards == (frames,) + shape[1:], path
+            assert array.chunks == (frames, arrays.MASK_TILE, arrays.MASK_TILE) + shape[3:], path
+        else:
+            auto = zarr.create_array(zarr.storage.MemoryStore(), shape=shape, dtype=array.dtype, chunks="auto")
+            assert (array.chunks, array.shards) == (auto.chunks, None), path
+    assert sizes["S"] == sum(len(np.unique(store.read(job.item_id, arrays.SOURCE_INDEX[role])))
+                             for role in arrays.ROLES)
+    for stage in STAGES:
+        assert set(store.attrs(job.item_id, stage)) <= set(arrays.STAGE_ATTRS[stage]), stage
 
 
 def test_second_run_recomputes_nothing(first_run):
@@ -162,29 +177,29 @@ def test_previews_show_the_panels_and_the_lip_curves(first_run, tmp_path):
 def test_noise_filter_stage_uses_a_sliding_window_and_equals_the_whole_clip_filter(tmp_path, tiny_models,
                                                                                    one_second_pair):
     from flows.generate import make_job
-    from freetalk_core import noise_sensor as ns
+    from freetalk_core import noise_sensor
 
     job = make_job(*one_second_pair, store=tmp_path / "store", models=tiny_models, steps=2, batch_size=4,
                    chunk_frames=10, noise_window=8)
     _run(job)
     store = Store(job.store)
     item = job.item_id
-    x0, y0, x1, y1 = store.attrs(item, "optical_flow")["box"]
-    g = read_flows(store.array(item, "optical_flow", "generated_flow"))
-    r = read_flows(store.array(item, "optical_flow", "reference_flow"))
-    per_frame = ns.noise_pattern_sequence(g, r, 8)
+    x0, y0, x1, y1 = store.attrs(item, arrays.OPTICAL_FLOW)["box"]
+    g = read_flows(store.array(item, arrays.GENERATED_FLOW))
+    r = read_flows(store.array(item, arrays.REFERENCE_FLOW))
+    per_frame = noise_sensor.noise_pattern_sequence(g, r, 8)
     # 24 flow fields, windows of 8: a local estimate per frame, not one for the clip
     assert not np.allclose(per_frame[0], per_frame[-1])
-    np.testing.assert_allclose(store.read(item, "noise_filter", "noise_pattern")[y0:y1, x0:x1],
+    np.testing.assert_allclose(store.read(item, arrays.NOISE_PATTERN)[y0:y1, x0:x1],
                                per_frame.mean(axis=0), rtol=1e-6)
     # Filtered in chunks of 10 frames, along the motion: the same as the whole clip at once.
-    generated = store.read(item, "diffusion", "frames")
-    masks = mask_weights(store.read(item, "face_crop", "mouth_masks"))
-    whole = ns.temporal_filter(generated[:, y0:y1, x0:x1], per_frame, 5, masks[:, y0:y1, x0:x1],
-                               motion=ns.ideal_flow(g, r, 8))
+    generated = store.read(item, arrays.GENERATED_FRAMES)
+    masks = mask_weights(store.read(item, arrays.MOUTH_MASKS))
+    whole = noise_sensor.temporal_filter(generated[:, y0:y1, x0:x1], per_frame, 5, masks[:, y0:y1, x0:x1],
+                               motion=noise_sensor.ideal_flow(g, r, 8))
     # Each chunk streams its own window statistics: equal up to float rounding, which can move
     # a pixel by one grey level where a value sits on a rounding boundary.
-    stored = store.read(item, "noise_filter", "frames")[:, y0:y1, x0:x1]
+    stored = store.read(item, arrays.FILTERED_FRAMES)[:, y0:y1, x0:x1]
     inside = masks[:, y0:y1, x0:x1] > 0
     diff = np.abs(stored.astype(int) - whole.astype(int))[inside]
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
@@ -200,22 +215,20 @@ def test_structure_frames_rendered_in_chunks_equal_the_whole_clip_render(first_r
     store, item = Store(job.store), job.item_id
     stored = StoredStructureFrames(store, item)[:]
     assert stored.shape == (25, 512, 512, 3) and job.chunk_frames == 10  # three chunks
-    read = lambda name: store.read(item, "face_crop", name)  # noqa: E731
     crops = Crops(store, item, "identity")[:]
     whole = structure_render.render_structure_frames(
-        fit_3dmm.load_face_model(job.models_dir / "eos"), crops, read("identity_landmarks"),
-        load_fit(store, item, "identity"), read("lip_ref_landmarks"))
+        fit_3dmm.load_face_model(job.models_dir / "eos"), crops, store.read(item, arrays.LANDMARKS["identity"]),
+        load_fit(store, item, "identity"), store.read(item, arrays.LANDMARKS["lip_ref"]))
     np.testing.assert_array_equal(stored, whole)
     # The store keeps only what the render changed: the lower face, nothing above the nose.
-    changed = store.read(item, "structure_render", "changed")
+    changed = store.read(item, arrays.STRUCTURE_CHANGED)
     np.testing.assert_array_equal(changed, (whole != crops).any(axis=-1))
-    layer = store.read(item, "structure_render", "frames")
+    layer = store.read(item, arrays.STRUCTURE_LAYER)
     assert not layer[~changed].any() and 0.02 < changed.mean() < 0.6
 
 
 def test_crops_are_made_again_from_the_inputs(first_run):
-    from freetalk_core import face_crop as fc
-    from freetalk_core import video
+    from freetalk_core import face_crop, video
     from tasks.frames import Crops
 
     job, _, _ = first_run
@@ -224,9 +237,9 @@ def test_crops_are_made_again_from_the_inputs(first_run):
         assert not (store.item_path(item) / "face_crop" / f"{role}_crops").exists()
         crops = Crops(store, item, role, path)
         frames = video.read_video(path, fps=25.0)
-        index = store.read(item, "face_crop", f"{role}_index")
-        transforms = store.read(item, "face_crop", f"{role}_transforms")
-        expected = np.stack([fc.warp_to_crop(frames[index[t]], transforms[t]) for t in range(len(index))])
+        index = store.read(item, arrays.SOURCE_INDEX[role])
+        transforms = store.read(item, arrays.CROP_TRANSFORMS[role])
+        expected = np.stack([face_crop.warp_to_crop(frames[index[t]], transforms[t]) for t in range(len(index))])
         np.testing.assert_array_equal(crops[:], expected)
         np.testing.assert_array_equal(crops[7], expected[7])
         np.testing.assert_array_equal(crops[[20, 3, 11]], expected[[20, 3, 11]])

@@ -8,24 +8,12 @@ import torch
 
 from freetalk_core import models
 from freetalk_core.errors import ModelFileError
-
-from conftest import EOS_DIR
-
-
-def _eos_source(tmp_path):
-    if EOS_DIR.is_dir():
-        return EOS_DIR
-    folder = tmp_path / "eos-placeholder"
-    folder.mkdir(exist_ok=True)
-    for name in models.EOS_FILES.values():
-        (folder / name).write_text("placeholder: check_models only checks that eos files exist\n")
-    return folder
+from freetalk_core.models import download, layout
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("models")
-    return models.write_tiny_models(tmp / "tiny", eos_source=_eos_source(tmp))
+def tiny_dir(tiny_models_anywhere):
+    return tiny_models_anywhere
 
 
 @pytest.fixture
@@ -59,7 +47,7 @@ def test_tiny_faceid_file_is_the_original_format(tiny_dir):
     assert set(state_dict) == {"image_proj", "ip_adapter"}
     image_proj = state_dict["image_proj"]
     assert len(image_proj) == 56
-    width = models.TINY_UNET_CONFIG["cross_attention_dim"]
+    width = layout.TINY_UNET_CONFIG["cross_attention_dim"]
     assert width % 64 == 0
     assert image_proj["proj.0.weight"].shape == (1024, 512)  # id dim 512, as diffusers reads it
     assert image_proj["perceiver_resampler.layers.0.0.to_q.weight"].shape[0] // 64 == width // 64
@@ -162,7 +150,7 @@ def test_tiny_models_load_through_the_real_loaders(tiny_dir):
     assert len(tokens) == 77
     encoder = CLIPVisionModelWithProjection.from_pretrained(tiny_dir / "image_encoder")
     hidden = encoder(torch.zeros(1, 3, 224, 224), output_hidden_states=True).hidden_states[-2]
-    assert hidden.shape == (1, 257, models.TINY_CLIP_VISION_CONFIG["hidden_size"])
+    assert hidden.shape == (1, 257, layout.TINY_CLIP_VISION_CONFIG["hidden_size"])
     arcface = insightface.model_zoo.get_model(str(tiny_dir / "insightface/w600k_r50.onnx"),
                                               providers=["CPUExecutionProvider"])
     assert arcface.taskname == "recognition" and arcface.input_size == (112, 112)
@@ -177,7 +165,7 @@ def full_unet():
     from diffusers import UNet2DConditionModel
 
     with init_empty_weights():
-        return UNet2DConditionModel.from_config(models.SD15_UNET_CONFIG)
+        return UNet2DConditionModel.from_config(layout.SD15_UNET_CONFIG)
 
 
 def test_full_size_unet_is_sd15_inpainting(full_unet):
@@ -189,8 +177,8 @@ def test_full_size_unet_is_sd15_inpainting(full_unet):
 def test_full_size_faceid_plus_key_set_loads_strictly(full_unet):
     """The real file's key set and shapes (56 + 288 keys) go through diffusers' own converters
     with strict loading into the full-size U-Net's IP-Adapter modules."""
-    image_proj_shapes = models.faceid_image_proj_shapes(768, models.CLIP_VIT_H_CONFIG["hidden_size"])
-    ip_adapter_shapes = models.faceid_ip_adapter_shapes(models.SD15_UNET_CONFIG)
+    image_proj_shapes = layout.faceid_image_proj_shapes(768, layout.CLIP_VIT_H_CONFIG["hidden_size"])
+    ip_adapter_shapes = layout.faceid_ip_adapter_shapes(layout.SD15_UNET_CONFIG)
     assert len(image_proj_shapes) == 56 and len(ip_adapter_shapes) == 288
     state_dict = {
         "image_proj": {k: torch.empty(s) for k, s in image_proj_shapes.items()},
@@ -211,13 +199,13 @@ def test_full_size_faceid_plus_key_set_loads_strictly(full_unet):
             assert value.shape[1] == layer.in_features, key
         else:
             assert value.shape[0] == layer.out_features, key
-    assert models.check_faceid_state_dict(state_dict, models.SD15_UNET_CONFIG, 1280, "real") == []
+    assert layout.check_faceid_state_dict(state_dict, layout.SD15_UNET_CONFIG, 1280, "real") == []
 
 
 def test_full_size_clip_vit_h_hidden_states_are_257_by_1280():
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    config = CLIPVisionConfig(**models.CLIP_VIT_H_CONFIG)
+    config = CLIPVisionConfig(**layout.CLIP_VIT_H_CONFIG)
     with torch.device("meta"):
         encoder = CLIPVisionModelWithProjection(config)
         hidden = encoder(torch.zeros(1, 3, 224, 224), output_hidden_states=True).hidden_states[-2]
@@ -238,11 +226,11 @@ class _FakeHub:
         self.files = {}
         self.served = {}  # what the fake hub actually sends, where it differs from `files`
         self.downloads = []
-        names = [(models.SD15_REPO, f.format(variant=""), tiny_dir / models.SD15_DIR / f.format(variant=""))
-                 for f in models.SD15_FILES]
-        names += [(models.IMAGE_ENCODER_REPO, f"{models.IMAGE_ENCODER_SUBFOLDER}/{f}",
-                   tiny_dir / models.IMAGE_ENCODER_DIR / f) for f in models.IMAGE_ENCODER_FILES]
-        names += [(models.FACEID_REPO, f, models.faceid_path(tiny_dir, v)) for v, f in models.FACEID_FILES.items()]
+        names = [(layout.SD15_REPO, f.format(variant=""), tiny_dir / layout.SD15_DIR / f.format(variant=""))
+                 for f in download.SD15_FILES]
+        names += [(layout.IMAGE_ENCODER_REPO, f"{layout.IMAGE_ENCODER_SUBFOLDER}/{f}",
+                   tiny_dir / layout.IMAGE_ENCODER_DIR / f) for f in download.IMAGE_ENCODER_FILES]
+        names += [(layout.FACEID_REPO, f, models.faceid_path(tiny_dir, v)) for v, f in layout.FACEID_FILES.items()]
         for repo, name, source in names:
             self.files[(repo, name)] = source.read_bytes()
         self._hashlib = hashlib
@@ -319,7 +307,7 @@ def test_download_places_and_verifies_every_file(fake_hub, tmp_path, tiny_dir):
     assert (target / "insightface/w600k_r50.onnx").read_bytes() == (tiny_dir / "insightface/w600k_r50.onnx").read_bytes()
     assert not (target / ".download").exists()
     manifest = json.loads((target / "manifest.json").read_text())
-    assert set(manifest["commits"]) == {models.SD15_REPO, models.FACEID_REPO, models.IMAGE_ENCODER_REPO}
+    assert set(manifest["commits"]) == {layout.SD15_REPO, layout.FACEID_REPO, layout.IMAGE_ENCODER_REPO}
     assert all(len(record["sha256"]) == 64 for record in manifest["files"])
     # a second run finds everything verified and downloads nothing
     fake_hub.downloads.clear()
@@ -334,7 +322,7 @@ def test_download_fails_when_a_downloaded_model_does_not_pass_its_checks(fake_hu
 
     from flows.cli import app
 
-    key = (models.SD15_REPO, "unet/config.json")
+    key = (layout.SD15_REPO, "unet/config.json")
     config = json.loads(fake_hub.files[key])
     fake_hub.files[key] = json.dumps({**config, "in_channels": 4}).encode()  # a text-to-image U-Net
     with pytest.raises(ModelFileError, match="1 check failed: .*9"):
@@ -344,7 +332,7 @@ def test_download_fails_when_a_downloaded_model_does_not_pass_its_checks(fake_hu
 
 
 def test_download_rejects_a_corrupt_file(fake_hub, tmp_path):
-    key = (models.FACEID_REPO, models.FACEID_FILES["plus"])
+    key = (layout.FACEID_REPO, layout.FACEID_FILES["plus"])
     fake_hub.served[key] = b"X" * len(fake_hub.files[key])  # right size, wrong content
     with pytest.raises(ModelFileError, match="sha256"):
         models.download_models(tmp_path / "real", log=lambda line: None)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from storage import Store
+from storage import Store, arrays
 
 SAMPLE_EXTENSIONS = (".mp4", ".mpg", ".mov", ".avi", ".mkv", ".webm")
 
@@ -69,17 +69,17 @@ def marked_clip(tmp_path_factory, samples_dir):
 # --- watermark --------------------------------------------------------------------------------
 
 def test_payload_round_trips_and_a_wrong_crc_reads_as_no_id():
-    from freetalk_core.provenance import watermark as wm
+    from freetalk_core.provenance import watermark
 
-    bits = wm.payload_bits("0123456789")
-    assert wm.decode_bits(bits) == (0, "0123456789")
+    bits = watermark.payload_bits("0123456789")
+    assert watermark.decode_bits(bits) == (0, "0123456789")
     bits[-1] ^= 1
-    assert wm.decode_bits(bits) == (0, None)
+    assert watermark.decode_bits(bits) == (0, None)
     bits[-1] ^= 1
     bits[30] ^= 1
-    assert wm.decode_bits(bits) == (0, None)
+    assert watermark.decode_bits(bits) == (0, None)
     bits[0] ^= 1
-    assert wm.decode_bits(bits)[0] == 1
+    assert watermark.decode_bits(bits)[0] == 1
 
 
 @pytest.mark.parametrize("transform", ["crf28", "half_size", "first_2s"])
@@ -268,20 +268,14 @@ def test_store_traces_the_output_by_hash_and_watermark_id(generated, tmp_path):
 
 
 def test_marked_output_matches_identity_outside_the_mouth_mask(generated):
-    from freetalk_core import face_crop as fc, video
+    from conftest import outside_mouth_masks
+
+    from freetalk_core import video
 
     job, out = generated
-    store = Store(job.store)
     identity = video.read_video(job.identity, fps=25.0)
     output = video.read_video(out, fps=25.0)
-    masks = store.read(job.item_id, "face_crop", "mouth_masks")
-    transforms = store.read(job.item_id, "face_crop", "identity_transforms")
-    index = store.read(job.item_id, "face_crop", "identity_index")
-    for t in range(0, len(output), 6):
-        ident = identity[index[t]]
-        full_mask = fc.paste_back(np.zeros_like(ident), np.full((512, 512, 3), 255, np.uint8),
-                                  transforms[t], masks[t])[..., 0]
-        outside = (full_mask == 0)
+    for t, ident, outside in outside_mouth_masks(Store(job.store), job.item_id, identity, len(output)):
         outside[int(0.85 * outside.shape[0]):] = False  # the visible label's corner
         err = ((output[t].astype(np.float64) - ident) ** 2)[outside].mean()
         assert 10 * np.log10(255 ** 2 / err) > 35
@@ -299,7 +293,7 @@ def test_no_mark_is_recorded_and_leaves_no_watermark(generated):
         unmarked = generate_to(unmarked_job, out.with_name("unmarked.mp4"))
     store = Store(job.store)
     assert store.item(job.item_id)["watermark_id"] is None
-    assert store.attrs(job.item_id, "noise_filter")["marked"] is False
+    assert store.attrs(job.item_id, arrays.NOISE_FILTER)["marked"] is False
     assert store.metrics(job.item_id)[job.item_id]["watermarked"] == 0.0
     result = provenance.verify(unmarked)
     assert not result.detection.found

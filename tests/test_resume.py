@@ -5,44 +5,19 @@ unwritten frames as done, and `keep="final"` keeps what a rerun needs to do noth
 import shutil
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import computed_since, generate_beside_store, write_sample_pair
 
-from storage import STAGES, Store
+from storage import STAGES, Store, arrays
 
 
 @pytest.fixture(scope="module")
 def short_pair(tmp_path_factory, samples_dir):
-    from freetalk_core import video
-
-    folder = tmp_path_factory.mktemp("clips")
-    clips = []
-    for name in ("SadTalker__WDA_KatieHill_000.mp4", "MimicTalk__May_5s.mp4"):
-        out = folder / name
-        video.write_video(out, iter(video.read_video(samples_dir / name, fps=25.0, max_frames=12)), 25.0,
-                          audio=samples_dir / name)
-        clips.append(out)
-    return clips
-
-
-def _run(job):
-    from flows.generate import generate_to
-    from flows.runtime import configure_environment, store_settings
-
-    configure_environment()
-    with store_settings(Path(job.store)):
-        return generate_to(job, Path(job.store).parent / f"{job.item_id}.mp4")
-
-
-def _computed_since(store: Store, item: str, since: datetime) -> dict[str, int]:
-    """Units of work recorded done after `since`, per stage."""
-    counts: dict[str, int] = {}
-    for row in store.stage_rows(item):
-        if row["status"] == "done" and row["finished_at"] > since:
-            counts[row["stage"]] = counts.get(row["stage"], 0) + 1
-    return counts
+    return list(write_sample_pair(tmp_path_factory.mktemp("clips"), samples_dir, 12,
+                                  names=("SadTalker__WDA_KatieHill_000.mp4", "MimicTalk__May_5s.mp4"),
+                                  identity_audio=True))
 
 
 def _now():
@@ -57,7 +32,7 @@ def done_item(tmp_path_factory, tiny_models, short_pair):
     root = tmp_path_factory.mktemp("resume")
     settings = dict(steps=1, batch_size=4, chunk_frames=5)
     job = make_job(*short_pair, store=root / "store", models=tiny_models, **settings)
-    _run(job)
+    generate_beside_store(job)
     return root, job, settings
 
 
@@ -79,14 +54,14 @@ def test_moved_store_and_copied_models_recompute_nothing(done_item, tiny_models,
     # The last stage's rows alone would let `generate` return early: remove the output so
     # every stage task runs and checks its own rows.
     Store(moved).output_path(job.item_id).unlink()
-    _run(again)
+    generate_beside_store(again)
     store = Store(moved)
-    assert _computed_since(store, job.item_id, since) == {"noise_filter": 1}  # the MP4 again
+    assert computed_since(store, job.item_id, since) == {"noise_filter": 1}  # the MP4 again
     # the same frames (the file's signed manifest carries its own signing time)
     np.testing.assert_array_equal(video.read_video(store.output_path(job.item_id)), output)
     since = _now()
-    _run(again)
-    assert _computed_since(store, job.item_id, since) == {}
+    generate_beside_store(again)
+    assert computed_since(store, job.item_id, since) == {}
     shutil.move(moved, job.store)
 
 
@@ -97,13 +72,13 @@ def test_kernel_size_recomputes_only_the_noise_filter(done_item, short_pair, tin
     changed = make_job(*short_pair, store=job.store, models=tiny_models, **settings, kernel_size=3)
     assert changed.item_id == job.item_id
     since = _now()
-    _run(changed)
+    generate_beside_store(changed)
     store = Store(job.store)
     # setup, the 3 chunks of 12 frames, finish
-    assert _computed_since(store, job.item_id, since) == {"noise_filter": 5}
+    assert computed_since(store, job.item_id, since) == {"noise_filter": 5}
     since = _now()
-    _run(job)
-    assert _computed_since(store, job.item_id, since) == {"noise_filter": 5}
+    generate_beside_store(job)
+    assert computed_since(store, job.item_id, since) == {"noise_filter": 5}
 
 
 def test_another_chunk_size_recomputes_every_stage_and_reads_only_written_frames(tmp_path, done_item,
@@ -120,19 +95,19 @@ def test_another_chunk_size_recomputes_every_stage_and_reads_only_written_frames
         if row["chunk"] > 0:
             store.record_stage(job.item_id, "diffusion", row["chunk"], "failed", seconds=0, frames=0,
                                cache_key=row["cache_key"], error="killed")
-    frames = store.stage_group(job.item_id, "diffusion")["frames"]
+    frames = store.stage_group(job.item_id, arrays.DIFFUSION)[arrays.GENERATED_FRAMES.name]  # writable
     frames[5:] = 0
     store.output_path(job.item_id).unlink()
     resumed = make_job(*short_pair, store=store_dir, models=tiny_models, **{**settings, "chunk_frames": 12})
     new_keys, old_keys = stage_keys(resumed), stage_keys(job)
     assert all(new_keys[s] != old_keys[s] for s in STAGES)
     since = _now()
-    _run(resumed)
-    computed = _computed_since(store, job.item_id, since)
+    generate_beside_store(resumed)
+    computed = computed_since(store, job.item_id, since)
     assert set(computed) == set(STAGES)
     assert computed["diffusion"] == 1  # one chunk of 12 frames, none taken as done
-    generated = store.read(job.item_id, "diffusion", "frames")
-    masks = store.read(job.item_id, "face_crop", "mouth_masks")
+    generated = store.read(job.item_id, arrays.GENERATED_FRAMES)
+    masks = store.read(job.item_id, arrays.MOUTH_MASKS)
     # every frame was generated: the repainted mouth is never the zero fill of an unwritten chunk
     assert all(generated[t][masks[t] > 128].any() for t in range(len(generated)))
 
@@ -146,19 +121,19 @@ def test_keep_final_drops_arrays_keeps_rows_and_a_rerun_does_nothing(tmp_path, d
     shutil.copytree(job.store, store_dir)
     store = Store(store_dir)
     final = make_job(*short_pair, store=store_dir, models=tiny_models, **settings, keep="final", kernel_size=3)
-    _run(final)
+    generate_beside_store(final)
     assert not store.item_path(job.item_id).exists()
     assert store.output_path(job.item_id).exists()
     assert store.item(job.item_id)["status"] == "done"
     assert "MNP" in store.metrics(job.item_id)[job.item_id]
     assert {r["stage"] for r in store.stage_rows(job.item_id) if r["status"] == "done"} == set(STAGES)
     since = _now()
-    _run(final)
-    assert _computed_since(store, job.item_id, since) == {}
+    generate_beside_store(final)
+    assert computed_since(store, job.item_id, since) == {}
     # A changed setting needs the dropped arrays again: everything is recomputed, from nothing.
     since = _now()
-    _run(make_job(*short_pair, store=store_dir, models=tiny_models, **settings, keep="final"))
-    assert set(_computed_since(store, job.item_id, since)) == set(STAGES)
+    generate_beside_store(make_job(*short_pair, store=store_dir, models=tiny_models, **settings, keep="final"))
+    assert set(computed_since(store, job.item_id, since)) == set(STAGES)
     assert not store.item_path(job.item_id).exists()
 
 

@@ -15,7 +15,7 @@ import pytest
 from test_timing import audio_stream, click_times, click_wav, decoded_video
 
 from freetalk_core import video
-from storage import Store
+from storage import Store, arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(steps=2, batch_size=4)
@@ -108,9 +108,9 @@ def test_longer_audio_sets_the_length_and_both_videos_loop(long_audio_run):
     assert (rate, channels) == (video.AUDIO_RATE, 2) and seconds == pytest.approx(1.2, abs=1 / 25)
     # The lip reference has no audio: the given file's is muxed, on time.
     assert np.abs(click_times(out) - np.asarray(clicks)).max() <= 1 / 25
-    np.testing.assert_array_equal(store.read(job.item_id, "face_crop", "identity_index"),
+    np.testing.assert_array_equal(store.read(job.item_id, arrays.SOURCE_INDEX["identity"]),
                                   video.pingpong_indices(10, 30))
-    np.testing.assert_array_equal(store.read(job.item_id, "face_crop", "lip_ref_index"),
+    np.testing.assert_array_equal(store.read(job.item_id, arrays.SOURCE_INDEX["lip_ref"]),
                                   video.pingpong_indices(20, 30))
 
 
@@ -119,7 +119,7 @@ def test_a_looped_identity_shows_no_jump_at_the_turns(long_audio_run):
     frames, _ = decoded_video(out)
     top = np.stack(frames)[:, : frames[0].shape[0] * 2 // 5].astype(np.float64)  # above the mouth
     steps = np.abs(np.diff(top, axis=0)).mean(axis=(1, 2, 3))
-    index = Store(job.store).read(job.item_id, "face_crop", "identity_index")
+    index = Store(job.store).read(job.item_id, arrays.SOURCE_INDEX["identity"])
     turn = np.diff(np.sign(np.diff(index))) != 0  # steps t -> t+1 where the direction changes
     turns, ordinary = steps[1:][turn], np.concatenate([steps[:1], steps[1:][~turn]])
     assert len(turns) == 3
@@ -171,7 +171,7 @@ def test_no_audio_anywhere_gives_a_silent_trimmed_output_and_a_warning(silent_ru
     # --fps 30: the 0.4 s lip reference gives 12 frames; the 1 s identity is cut to its first 12.
     assert info.fps == pytest.approx(30.0) and info.n_frames == 12
     store = Store(job.store)
-    np.testing.assert_array_equal(store.read(job.item_id, "face_crop", "identity_index"), np.arange(12))
+    np.testing.assert_array_equal(store.read(job.item_id, arrays.SOURCE_INDEX["identity"]), np.arange(12))
     # The warning is in the run log ...
     logs = _run_logs(prefect_server, f"generate[{job.item_id}]")
     assert any(SILENT_OUTPUT in log.message and log.level >= 30 for log in logs), [l.message for l in logs]

@@ -11,9 +11,12 @@ from pathlib import Path
 from freetalk_core.errors import ModelFileError
 from freetalk_core.models.layout import (
     ARCFACE_CANDIDATES,
+    CLIP_VIT_H_CONFIG,
     EOS_DIR,
     EOS_FILES,
     EOS_HINT,
+    EVALUATION_DIR,
+    EVALUATION_FILES,
     FIX_HINT,
     IMAGE_ENCODER_DIR,
     INSIGHTFACE_DIR,
@@ -22,6 +25,9 @@ from freetalk_core.models.layout import (
     SD15_COMPONENTS,
     SD15_DIR,
     SD15_REPO,
+    SD15_TEXT_CONFIG,
+    SD15_UNET_CONFIG,
+    SD15_VAE_CONFIG,
     arcface_path,
     check_faceid_state_dict,
     faceid_path,
@@ -36,6 +42,7 @@ class ModelEntry:
     path: str
     what: str
     present: bool
+    optional: bool = False
 
 
 def describe_models(models_dir: str | os.PathLike) -> list[ModelEntry]:
@@ -55,6 +62,21 @@ def describe_models(models_dir: str | os.PathLike) -> list[ModelEntry]:
     if v2.is_file():
         entries.append(ModelEntry(f"{IP_ADAPTER_DIR}/{v2.name}", "IP-Adapter-FaceID-PlusV2 (optional)", True))
     return entries
+
+
+def describe_evaluation_models(models_dir: str | os.PathLike) -> list[ModelEntry]:
+    """The optional networks of `freetalk evaluate` (EVALUATION_FILES) and which are present."""
+    models_dir = Path(models_dir)
+    return [ModelEntry(f"{EVALUATION_DIR}/{entry['file']}", f"{entry['metric']}: {entry['what']}",
+                       (models_dir / EVALUATION_DIR / entry["file"]).is_file(), optional=True)
+            for entry in EVALUATION_FILES.values()]
+
+
+def check_evaluation_models(models_dir: str | os.PathLike) -> list[str]:
+    """Problems of the evaluation networks that are present (absent ones are optional: none)."""
+    from freetalk_core.evaluation.networks import check_evaluation_file
+
+    return [problem for role in EVALUATION_FILES for problem in check_evaluation_file(models_dir, role)]
 
 
 def _weights_file(folder: Path) -> Path | None:
@@ -111,6 +133,7 @@ def check_models(models_dir: str | os.PathLike, faceid_variant: str = "plus") ->
     Checks presence of every file, that weights files are complete, that the U-Net has 9 input
     channels, that the FaceID-Plus file has the real key set with shapes matching this U-Net and
     this image encoder, and that the ArcFace ONNX loads with a 112x112 input and a 512 output.
+    The optional evaluation networks may be absent; one that is present must be usable.
     """
     import torch
 
@@ -176,7 +199,7 @@ def check_models(models_dir: str | os.PathLike, faceid_variant: str = "plus") ->
     for name in EOS_FILES.values():
         if not (eos / name).is_file():
             problems.append(f"missing {EOS_DIR}/{name}: {EOS_HINT}")
-    return problems
+    return problems + check_evaluation_models(models_dir)
 
 
 def check_arcface(path: Path, models_dir: Path) -> list[str]:
@@ -196,8 +219,60 @@ def check_arcface(path: Path, models_dir: Path) -> list[str]:
 
 
 def format_description(models_dir: str | os.PathLike) -> str:
-    """describe_models as text, one line per entry."""
+    """describe_models and describe_evaluation_models as text, one line per entry."""
     lines = [f"models directory: {models_dir}"]
     for entry in describe_models(models_dir):
         lines.append(f"  [{'ok' if entry.present else '--'}] {entry.path:48s} {entry.what}")
+    lines.append("optional networks of `freetalk evaluate` (generation does not need them):")
+    for entry in describe_evaluation_models(models_dir):
+        state = "ok" if entry.present else "--"
+        lines.append(f"  [{state}] {entry.path:48s} {entry.what}{'' if entry.present else ' (missing, optional)'}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full size or tiny
+
+FULL_SIZE_CONFIG = {
+    f"{SD15_DIR}/unet": ("block_out_channels", list(SD15_UNET_CONFIG["block_out_channels"])),
+    f"{SD15_DIR}/vae": ("block_out_channels", list(SD15_VAE_CONFIG["block_out_channels"])),
+    f"{SD15_DIR}/text_encoder": ("hidden_size", SD15_TEXT_CONFIG["hidden_size"]),
+    IMAGE_ENCODER_DIR: ("hidden_size", CLIP_VIT_H_CONFIG["hidden_size"]),
+}
+"""Folders whose config.json tells a full-size model from a tiny one: (key, full-size value)."""
+FULL_SIZE_MIN_BYTES = {"ip-adapter": 100_000_000, "insightface": 100_000_000, "inception": 50_000_000,
+                       "i3d": 25_000_000, "alexnet": 100_000_000, "syncnet": 25_000_000}
+"""Single-file checkpoints: the least size of the real file (FaceID-Plus ~156 MB, ArcFace
+w600k_r50 ~174 MB, Inception ~95 MB, I3D ~51 MB, AlexNet ~244 MB, SyncNet ~54 MB; their tiny
+stand-ins are a few MB at most)."""
+
+
+def model_sizes(models_dir: str | os.PathLike, faceid_variant: str = "plus") -> list[dict]:
+    """Each model the product runs: `{"part", "path", "full_size"}`, `full_size` True for the
+    real architecture, False for a tiny stand-in (its outputs mean nothing), None where absent."""
+    models_dir = Path(models_dir)
+    parts = []
+    for rel, (key, value) in FULL_SIZE_CONFIG.items():
+        config = models_dir / rel / "config.json"
+        try:
+            full = json.loads(config.read_text()).get(key) == value
+        except (OSError, ValueError):
+            full = None
+        parts.append({"part": rel, "path": str(config.parent), "full_size": full})
+    for part, path in (("ip-adapter", faceid_path(models_dir, faceid_variant)),
+                       ("insightface", _present(lambda: arcface_path(models_dir)))):
+        full = path.stat().st_size >= FULL_SIZE_MIN_BYTES[part] if path is not None and path.is_file() else None
+        parts.append({"part": part, "path": str(path) if path else "", "full_size": full})
+    for role, entry in EVALUATION_FILES.items():
+        path = models_dir / EVALUATION_DIR / entry["file"]
+        if path.is_file():  # optional: listed only where present
+            full = path.stat().st_size >= FULL_SIZE_MIN_BYTES[role] if role in FULL_SIZE_MIN_BYTES else None
+            parts.append({"part": f"{EVALUATION_DIR}/{entry['file']}", "path": str(path), "full_size": full})
+    return parts
+
+
+def _present(locate) -> Path | None:
+    try:
+        return locate()
+    except ModelFileError:
+        return None

@@ -13,6 +13,7 @@ IP_ADAPTER_DIR = "ip-adapter"
 IMAGE_ENCODER_DIR = "image_encoder"
 INSIGHTFACE_DIR = "insightface"
 EOS_DIR = "eos"
+EVALUATION_DIR = "evaluation"
 
 FACEID_FILES = {
     "plus": "ip-adapter-faceid-plus_sd15.bin",
@@ -51,6 +52,23 @@ MODEL_LAYOUT = {
     **{f"{EOS_DIR}/{name}": "Surrey Face Model (eos)" for name in EOS_FILES.values()},
 }
 """Every file or folder the product reads, relative to the models directory, and what it is."""
+
+EVALUATION_FILES = {role: dict(file=file, what=what, metric=metric, url=url) for role, metric, file, what, url in [
+    ("inception", "FID", "inception-2015-12-05.pt",
+     "Inception-v3 pool3 features, TorchScript (clean-fid / StyleGAN2-ADA metrics)",
+     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"),
+    ("i3d", "FVD", "i3d_torchscript.pt", "I3D Kinetics-400 features, TorchScript (StyleGAN-V FVD)",
+     "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"),
+    ("alexnet", "LPIPS", "alexnet-owt-7be5be79.pth",
+     "torchvision AlexNet state dict (LPIPS trunk; only `features.*` is read)",
+     "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+    ("lpips_alex", "LPIPS", "lpips_alex_v0.1.pth", "LPIPS v0.1 linear heads for AlexNet (lpips' weights/v0.1/alex.pth)",
+     "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth"),
+    ("syncnet", "LSE-D, LSE-C", "syncnet_v2.model", "SyncNet state dict (joonson/syncnet_python)",
+     "http://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model"),
+]}
+"""Optional networks of `freetalk evaluate`, by role: file name in MODELS/evaluation, what it is,
+the metric that needs it, where to download it. Generation never needs them."""
 
 FIX_HINT = "run `freetalk models download DIR` (real) or `freetalk models tiny DIR` (random, for tests)"
 
@@ -100,27 +118,19 @@ SD15_VAE_CONFIG = dict(
     sample_size=512,
     scaling_factor=0.18215,
 )
-SD15_TEXT_CONFIG = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-CLIP_VIT_H_CONFIG = dict(
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=14,
-    projection_dim=1024,
-    hidden_act="gelu",
-    layer_norm_eps=1e-5,
-)
+
+
+def clip_transformer_config(width: int, layers: int, heads: int, **config) -> dict:
+    """A CLIP transformer's configuration: `width` wide (MLP 4 x `width`), `layers` deep,
+    `heads` attention heads, and the rest of `config`."""
+    return dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                num_attention_heads=heads, **config)
+
+
+SD15_TEXT_CONFIG = clip_transformer_config(768, 12, 12, vocab_size=49408, max_position_embeddings=77,
+                                           hidden_act="quick_gelu", projection_dim=768)
+CLIP_VIT_H_CONFIG = clip_transformer_config(1280, 32, 16, image_size=224, patch_size=14, projection_dim=1024,
+                                            hidden_act="gelu", layer_norm_eps=1e-5)
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -202,6 +212,17 @@ def insightface_detector_path(models_dir: str | os.PathLike) -> Path:
             return base / candidate
     raise ModelFileError(f"missing {base / DETECTOR_CANDIDATES[0]}: --detector insightface needs the "
                          "buffalo_l pack's face detector there (or use the default --detector dlib)")
+
+
+def evaluation_path(models_dir: str | os.PathLike, role: str) -> Path:
+    """Path of the evaluation network `role` (a key of EVALUATION_FILES); ModelFileError, one
+    line naming the file and where to get it, when absent."""
+    entry = EVALUATION_FILES[role]
+    path = Path(models_dir) / EVALUATION_DIR / entry["file"]
+    if not path.is_file():
+        raise ModelFileError(f"missing {path}: {entry['metric']} needs it; download {entry['url']} "
+                             f"and save it there as {entry['file']}")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Tiny random-weight checkpoints in the real on-disk formats (`freetalk models tiny`): the loaders
-that read the real checkpoints read these unchanged."""
+that read the real checkpoints read these unchanged. Also the full-size diffusion pipeline with
+random weights (`full_size_random_pipeline`), for measuring speed and memory without the real
+checkpoints."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import shutil
 from pathlib import Path
 
 from freetalk_core.errors import ModelFileError
+from freetalk_core.models import layout
 from freetalk_core.models.layout import (
+    CLIP_VIT_H_CONFIG,
     EOS_DIR,
     EOS_FILES,
     EOS_HINT,
@@ -20,6 +24,8 @@ from freetalk_core.models.layout import (
     SCHEDULER_CONFIG,
     SD15_DIR,
     SD15_TEXT_CONFIG,
+    SD15_UNET_CONFIG,
+    SD15_VAE_CONFIG,
     TINY_CLIP_VISION_CONFIG,
     TINY_FACEID_SCALE,
     TINY_LORA_RANK,
@@ -58,8 +64,128 @@ def write_tiny_models(models_dir: str | os.PathLike, eos_source: str | os.PathLi
     for variant in FACEID_FILES:
         torch.save(faceid, faceid_path(models_dir, variant))
     _write_tiny_arcface(models_dir / INSIGHTFACE_DIR / "w600k_r50.onnx")
+    write_tiny_evaluation_models(models_dir)
     link_eos(models_dir / EOS_DIR, eos_source)
     return models_dir
+
+
+ALEXNET_CLASSIFIER_SHAPES = {
+    "classifier.1.weight": (4096, 9216),
+    "classifier.1.bias": (4096,),
+    "classifier.4.weight": (4096, 4096),
+    "classifier.4.bias": (4096,),
+    "classifier.6.weight": (1000, 4096),
+    "classifier.6.bias": (1000,),
+}
+"""The classifier part of torchvision's AlexNet file (LPIPS never reads it)."""
+
+
+def write_tiny_evaluation_models(models_dir: str | os.PathLike) -> Path:
+    """The optional evaluation networks of MODELS/evaluation with random weights (fixed seed), in
+    their real formats, about 2 MB in all:
+
+    - Inception and I3D: TorchScript archives with the real call signatures and feature widths
+      (`model(x, return_features=True)` -> (N, 2048); `detector(x, rescale=, resize=,
+      return_features=True)` -> (B, 400)): average pooling and one linear layer.
+    - AlexNet, the LPIPS heads and SyncNet: state dicts with the real files' keys and shapes.
+      A weight of shape (O, ...) is a Hankel view of O + prod(...) - 1 random numbers (entry
+      [o, r] is value o + r of the flattened rest), so the files hold kilobytes while every
+      tensor has its real shape and no two output channels are equal. BatchNorm layers are
+      as untrained (scale 1, shift 0, running mean 0, variance 1).
+    """
+    import torch
+
+    from freetalk_core.evaluation.networks import alexnet_feature_shapes, lpips_head_shapes, quiet_torchscript
+    from freetalk_core.evaluation.syncnet import syncnet_shapes
+
+    folder = Path(models_dir) / layout.EVALUATION_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(TINY_SEED)
+    torch.manual_seed(TINY_SEED)
+    inception, i3d = _tiny_feature_networks()
+    with quiet_torchscript():
+        torch.jit.save(torch.jit.script(inception()), str(folder / layout.EVALUATION_FILES["inception"]["file"]))
+        torch.jit.save(torch.jit.script(i3d()), str(folder / layout.EVALUATION_FILES["i3d"]["file"]))
+
+    alexnet = {k: _hankel_random(s, generator) for k, s in {**alexnet_feature_shapes(), **ALEXNET_CLASSIFIER_SHAPES}.items()}
+    torch.save(alexnet, folder / layout.EVALUATION_FILES["alexnet"]["file"])
+    heads = {k: torch.rand(s, generator=generator) * 0.1 for k, s in lpips_head_shapes().items()}
+    torch.save(heads, folder / layout.EVALUATION_FILES["lpips_alex"]["file"])
+
+    shapes = syncnet_shapes()
+    norms = {k.rsplit(".", 1)[0] for k in shapes if k.endswith("running_mean")}
+    syncnet = {}
+    for key, shape in shapes.items():
+        module, name = key.rsplit(".", 1)
+        if module in norms:
+            syncnet[key] = torch.ones(shape) if name in ("weight", "running_var") else torch.zeros(shape)
+        else:
+            syncnet[key] = _hankel_random(shape, generator)
+    torch.save(syncnet, folder / layout.EVALUATION_FILES["syncnet"]["file"])
+    return folder
+
+
+def _hankel_random(shape: tuple[int, ...], generator):
+    """Random float32 tensor of `shape`: plain for a vector (biases: zero), else a Hankel view
+    of He-scaled noise (std sqrt(2 / fan_in))."""
+    import math
+
+    import torch
+
+    if len(shape) == 1:
+        return torch.zeros(shape)
+    rest = math.prod(shape[1:])
+    base = torch.randn(shape[0] + rest - 1, generator=generator) * math.sqrt(2.0 / rest)
+    strides = [1]
+    for index in range(1, len(shape)):
+        strides.append(math.prod(shape[index + 1:]))
+    return base.as_strided(shape, strides)
+
+
+def _tiny_feature_networks():
+    """Tiny stand-ins of the Inception (FID) and I3D (FVD) TorchScript networks."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class TinyInception(nn.Module):
+        """Takes (N, 3, H, W) in [0, 255], resizes to 299 x 299 and normalises as the real one,
+        then 4 x 4 average pooling and a linear layer to 2048 non-negative features."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3 * 4 * 4, 2048)
+
+        def forward(self, img, return_features: bool = False):
+            x = img.to(torch.float32)
+            if x.shape[2] != 299 or x.shape[3] != 299:
+                x = F.interpolate(x, size=[299, 299], mode="bilinear", align_corners=False)
+            x = (x - 128) / 128
+            features = torch.relu(self.fc(F.adaptive_avg_pool2d(x, [4, 4]).flatten(1)))
+            if return_features:
+                return features
+            return torch.softmax(features[:, :1008], dim=1)
+
+    class TinyI3D(nn.Module):
+        """Takes (B, 3, T, H, W), in [0, 255] with rescale, else in [-1, 1]; resize brings it to
+        224 x 224; 4 x 4 x 4 average pooling and a linear layer to 400 features."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3 * 4 * 4 * 4, 400)
+
+        def forward(self, x, rescale: bool = False, resize: bool = False, return_features: bool = False):
+            x = x.to(torch.float32)
+            if rescale:
+                x = x / 127.5 - 1
+            if resize:
+                x = F.interpolate(x, size=[x.shape[2], 224, 224], mode="trilinear", align_corners=False)
+            features = self.fc(F.adaptive_avg_pool3d(x, [4, 4, 4]).flatten(1))
+            if return_features:
+                return features
+            return torch.softmax(features, dim=1)
+
+    return TinyInception, TinyI3D
 
 
 def link_eos(target: Path, eos_source) -> None:
@@ -242,3 +368,35 @@ def write_tiny_scrfd(path: str | os.PathLike, side: int = 640) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def full_size_random_pipeline(device, dtype, workdir: str | os.PathLike):
+    """The product's diffusion pipeline (`freetalk_core.diffusion.attach_faceid`) at the real
+    SD 1.5 inpainting and FaceID-Plus sizes with random weights (fixed seed): the same FLOPs and
+    memory as the real checkpoints. `workdir` receives the tokenizer. Returns `(pipe, CLIP width)`."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionInpaintPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from freetalk_core.diffusion import attach_faceid
+
+    tokenizer = Path(workdir) / "tokenizer"
+    write_tiny_tokenizer(tokenizer)
+    torch.manual_seed(TINY_SEED)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        vae = AutoencoderKL(**SD15_VAE_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+    pipe = StableDiffusionInpaintPipeline(
+        vae=vae.to(dtype), text_encoder=text_encoder.to(dtype), tokenizer=CLIPTokenizer.from_pretrained(tokenizer),
+        unet=unet.to(dtype), scheduler=DPMSolverMultistepScheduler.from_config(SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    clip_hidden = CLIP_VIT_H_CONFIG["hidden_size"]
+    faceid = random_faceid_plus_state_dict(SD15_UNET_CONFIG, clip_hidden)
+    return attach_faceid(pipe, faceid).to(device), clip_hidden
