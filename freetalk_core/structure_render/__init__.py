@@ -9,8 +9,7 @@ The parts, one module each:
   chin landmark displacements (relative to each person's own most-closed frame, so a lip
   reference whose mouth is naturally open does not make the identity gape);
 - `texture`: the identity's texture map, sampled from its own most-closed-mouth frames;
-- `renderers`: the rasterizer (`ModernGLRenderer` on CPU, `NvdiffrastRenderer` on CUDA).
-
+- `renderers`: the rasterizer (`ModernGLRenderer` on CPU, `NvdiffrastRenderer` on CUDA);
 - `mouth_interior`: what shows between parted lips, painted in image space (a teeth hint, a
   shaded throat, the inner lip edge), nothing of the other person's mouth: the downstream CLIP
   structure embedding should see the lip opening, not the lip reference's appearance.
