@@ -174,9 +174,8 @@ def face_embeddings(arcface, crops: np.ndarray, landmarks: np.ndarray, batch_siz
     if landmarks.shape != (len(crops), 68, 2):
         raise ValueError(f"landmarks must be ({len(crops)}, 68, 2), got {landmarks.shape}")
     usable = np.isfinite(landmarks).all(axis=(1, 2))
-    out = np.full((len(crops), 512), np.nan)
     if not usable.any():
-        return out
+        return np.full((len(crops), 512), np.nan)  # ArcFace's embedding width
     keypoints = five_keypoints(landmarks[usable])
     size = arcface.input_size[0]
     # insightface works on BGR images (its blob step swaps back to RGB)

@@ -287,8 +287,7 @@ def evaluate_item(store_dir: str, item_id: str, protocol: str = "auto", models: 
     if sharpness:
         result["CPBD"] = float(np.mean(sharpness))
     if arcface is not None:
-        result["CSIM"] = csim(np.concatenate(embeddings["generated"]),
-                                          np.concatenate(embeddings["identity"]))
+        result["CSIM"] = csim(np.concatenate(embeddings["generated"]), np.concatenate(embeddings["identity"]))
     features = nets.features()
     for spec in arrays.FEATURES.values():
         if spec.name in features:
