@@ -7,7 +7,9 @@ and its eos fit. For each ordered pair (identity, lip reference) of different cl
 structure frames (`render_structure_frames`, as the structure_render stage makes them), then
 two observers read the lip opening of the structure frames and of the lip-reference crops:
 
-- dlib: the product's own landmark detector (outer-lip pairs 50-58, 51-57, 52-56; inner
+- dlib: the product's own landmark detector, its shape predictor as it is (without the
+  resampling and mirroring the product's tracking adds: the observer stays the same whatever
+  the tracking does), each frame read on its own (outer-lip pairs 50-58, 51-57, 52-56; inner
   61-67, 62-66, 63-65);
 - MediaPipe: its face mesh (a learned landmark model, weights in the wheel), each frame read
   on its own (outer lips 37-84, 0-17, 267-314; inner 82-87, 13-14, 312-317).
@@ -192,6 +194,7 @@ def main() -> None:
     names = sorted(p.name for p in args.samples.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     model = load_face_model(SHARED / "models" / "eos")
     detector = face_crop.LandmarkDetector()
+    plain_dlib = face_crop.LandmarkDetector(predict_size=0.0, mirror=False)
     renderer = ModernGLRenderer()
     mediapipe = MediaPipeObserver(args.mp_venv, args.out)
     encoder = None
@@ -209,7 +212,7 @@ def main() -> None:
         start = time.perf_counter()
         fits[name] = fit_landmarks(model, clips[name][1])
         fit_ms.append(1000 * (time.perf_counter() - start) / len(clips[name][1]))
-        seen[name] = observe(detector, mediapipe, clips[name][0])
+        seen[name] = observe(plain_dlib, mediapipe, clips[name][0])
 
     rows, series, sheets, render_ms = [], {}, {}, []
     print(f"{len(pairs)} pairs, {args.frames} frames each")
@@ -219,7 +222,7 @@ def main() -> None:
         frames, ms = render_pair(model, clips, fits, identity, lip_ref, renderer)
         render_ms.append(ms)
         (crops, landmarks), (lip_crops, lip_landmarks), n = clips[identity], clips[lip_ref], len(frames)
-        shown, reference = observe(detector, mediapipe, frames), {k: v[:n] for k, v in seen[lip_ref].items()}
+        shown, reference = observe(plain_dlib, mediapipe, frames), {k: v[:n] for k, v in seen[lip_ref].items()}
         row = dict(identity=identity, lip_ref=lip_ref, frames=n)
         for observer in ("dlib", "mp"):
             r, ratio, missed = agreement(shown[f"{observer}_outer"], reference[f"{observer}_outer"])

@@ -120,16 +120,27 @@ def _landmark_box(landmarks: np.ndarray) -> np.ndarray:
     return np.concatenate([landmarks.min(axis=0), landmarks.max(axis=0)]).astype(np.float64)
 
 
+MIRRORED_POINTS = np.array(
+    list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30, 35, 34, 33, 32, 31]
+    + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]
+    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65])
+"""The 68-point landmark each one becomes in the mirrored face (left and right swapped)."""
+
+
 class LandmarkDetector:
     """dlib's HOG frontal face detector and its 68-point shape predictor.
 
     The detector runs on the frame shrunk to `detect_size` px on its long side (upsampled once
     where no face is found at that size, for small faces in large frames); the shape predictor
-    always runs at full resolution. `detect_near` searches a region around a known face box at
+    runs at full resolution, on a face resampled to `predict_size` px where its box is smaller,
+    and, with `mirror`, also on the mirrored face, the two answers averaged: on a small,
+    low-resolution face the predictor's points jump by a pixel or more from frame to frame, a
+    large share of a lip opening. `detect_near` searches a region around a known face box at
     full resolution, for tracking.
     """
 
-    def __init__(self, predictor_path: str | Path | None = None, detect_size: int = 512):
+    def __init__(self, predictor_path: str | Path | None = None, detect_size: int = 512,
+                 predict_size: float = 320.0, mirror: bool = True):
         default = _models_folder() / "shape_predictor_68_face_landmarks.dat"
         path = Path(predictor_path) if predictor_path else default
         if not path.is_file():
@@ -137,12 +148,40 @@ class LandmarkDetector:
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(str(path))
         self.detect_size = detect_size
+        self.predict_size = predict_size
+        self.mirror = mirror
 
     def predict(self, frame: np.ndarray, box) -> np.ndarray:
         """(68, 2) float32 landmarks of the face in `box` (x0, y0, x1, y1) of `frame` (H, W, 3) uint8."""
+        x0, y0, x1, y1 = (float(v) for v in box)
+        side = max(x1 - x0, y1 - y0, 1.0)
+        origin, scale = np.zeros(2), 1.0
+        if side < self.predict_size:
+            # The face and a margin of 60 % of its box, resampled (bicubic) to `predict_size`;
+            # pixel centres map as cv2.resize maps them.
+            h, w = frame.shape[:2]
+            margin = 0.6 * side
+            rx0, ry0 = int(max(0, x0 - margin)), int(max(0, y0 - margin))
+            rx1, ry1 = int(min(w, x1 + margin + 1)), int(min(h, y1 + margin + 1))
+            scale = self.predict_size / side
+            frame = cv2.resize(frame[ry0:ry1, rx0:rx1], None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+            origin = np.array([rx0, ry0], np.float64)
+            x0, x1 = ((x - rx0 + 0.5) * scale - 0.5 for x in (x0, x1))
+            y0, y1 = ((y - ry0 + 0.5) * scale - 0.5 for y in (y0, y1))
+        landmarks = self._shape(frame, (x0, y0, x1, y1))
+        if self.mirror:
+            right = frame.shape[1] - 1
+            mirrored = self._shape(frame[:, ::-1], (right - x1, y0, right - x0, y1))[MIRRORED_POINTS]
+            mirrored[:, 0] = right - mirrored[:, 0]
+            landmarks = (landmarks + mirrored) / 2
+        if scale != 1.0:
+            landmarks = (landmarks + 0.5) / scale - 0.5
+        return (landmarks + origin).astype(np.float32)
+
+    def _shape(self, image: np.ndarray, box) -> np.ndarray:
         x0, y0, x1, y1 = (int(round(v)) for v in box)
-        shape = self.predictor(np.ascontiguousarray(frame), dlib.rectangle(x0, y0, x1, y1))
-        return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+        shape = self.predictor(np.ascontiguousarray(image), dlib.rectangle(x0, y0, x1, y1))
+        return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
 
     def _detect_boxes(self, image: np.ndarray, upsample: int) -> tuple[np.ndarray, np.ndarray]:
         rects, scores, _ = self.detector.run(np.ascontiguousarray(image), upsample, 0.0)

@@ -7,6 +7,7 @@ from conftest import decode
 from freetalk_core.errors import NoFaceError
 from freetalk_core.face_crop import (
     CROP_TEMPLATE,
+    MIRRORED_POINTS,
     LandmarkDetector,
     crop_transforms,
     fill_and_smooth,
@@ -52,6 +53,37 @@ def test_detect_finds_plausible_landmarks_on_sample_frames(samples_dir, detector
         assert left_eye[0] < landmarks[30, 0] < right_eye[0]
         assert left_eye[1] < landmarks[33, 1] < landmarks[51, 1] < landmarks[57, 1] < landmarks[8, 1]
         assert inter_ocular(landmarks) > 0.1 * w
+
+
+def test_mirrored_points_name_each_landmark_in_the_mirrored_face(samples_dir):
+    plain = LandmarkDetector(predict_size=0.0, mirror=False)
+    assert sorted(MIRRORED_POINTS) == list(range(68))
+    np.testing.assert_array_equal(MIRRORED_POINTS[MIRRORED_POINTS], np.arange(68))
+    for frame in decode(samples_dir / "MimicTalk__May_5s.mp4", 4):
+        box = plain.detect_box(frame)
+        right = frame.shape[1] - 1
+        own = plain.predict(frame, box)
+        mirrored = plain.predict(np.ascontiguousarray(frame[:, ::-1]), (right - box[2], box[1], right - box[0], box[3]))
+        mirrored = mirrored[MIRRORED_POINTS]
+        mirrored[:, 0] = right - mirrored[:, 0]
+        assert np.linalg.norm(mirrored - own, axis=1).mean() < 0.04 * inter_ocular(own)
+
+
+def test_small_faces_get_the_landmarks_of_the_full_size_face(samples_dir, detector):
+    """A face shrunk to a quarter (a 64 px box): the lip points the detector finds are nearer
+    those of the full-size face than the plain shape predictor's on the small face."""
+    plain = LandmarkDetector(predict_size=0.0, mirror=False)
+    errors = {"detector": [], "plain": []}
+    for frame in decode(samples_dir / "MimicTalk__May_5s.mp4", 12):
+        box = plain.detect_box(frame)
+        full = plain.predict(frame, box)
+        small = cv2.resize(frame, None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA)
+        for name, predictor in (("detector", detector), ("plain", plain)):
+            # Pixel centres scale about the image's corner half a pixel out, as cv2.resize's.
+            lips = (predictor.predict(small, (box + 0.5) * 0.25 - 0.5)[48:68] + 0.5) / 0.25 - 0.5
+            errors[name].append(np.linalg.norm(lips - full[48:68], axis=1).mean() / inter_ocular(full))
+    assert np.mean(errors["detector"]) < 0.75 * np.mean(errors["plain"])
+    assert np.mean(errors["detector"]) < 0.012
 
 
 def test_tracking_agrees_with_per_frame_detection(may_clip, detector):
