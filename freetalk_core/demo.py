@@ -112,8 +112,9 @@ def open_mouth(image: np.ndarray, landmarks: np.ndarray, opening: float) -> np.n
     # float32 maps: OpenCV 5's remap never returns on float64 maps.
     source_y = (ys - shift).astype(np.float32)
     warped = cv2.remap(image, xs, source_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
-    # Inside the mouth: output pixels whose source would lie above the lip line.
-    inside = np.clip(lip_line - source_y + 0.5, 0.0, 1.0) * np.clip(ys - lip_line + 0.5, 0.0, 1.0)
+    # Inside the mouth: the share of each output pixel's rows in the gap that opens below the
+    # lip line (its source would lie above it), none where the jaw does not drop.
+    inside = np.clip(np.minimum(ys + 0.5, lip_line + shift) - np.maximum(ys - 0.5, lip_line), 0.0, 1.0)
     inside = cv2.GaussianBlur(inside, (0, 0), 0.8)[..., None]
     shade = 1.0 - 0.5 * np.clip((ys - lip_line) / max(drop, 1.0), 0.0, 1.0)[..., None]
     mouth = MOUTH_INTERIOR_RGB * (0.6 + 0.4 * shade)
