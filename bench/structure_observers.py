@@ -21,6 +21,16 @@ PSNR and the lip colour distance (`upper_face_psnr`, `lip_colour_lab`, as bench/
 overall the mean, minimum and std-ratio range, and the worst five pairs of each observer with
 a plot (`worst_*.png`: both openings over time for both observers, and three frames).
 
+Where the MediaPipe figure is lost, two more Pearson correlations per pair tell apart: against
+the drive, the outer-lip opening of the product's tracked lip-reference landmarks that moves
+the mouth rig, `mp_drive_pearson` is MediaPipe on the structure frames (what the rendering
+loses) and `mp_ceiling` MediaPipe on the real lip-reference frames (how far the product's
+reading of the lip reference agrees with the other observer's: structure frames that
+followed their drive exactly would agree with MediaPipe on the lip reference as well as the
+drive does, and no better unless they add what the drive misses). `--static-identity`
+renders every pair with the identity's most-closed frame held still (its crop, landmarks and
+fit), which shows how much of what is lost comes from the identity's own motion.
+
 With `--models DIR` (a models folder with `image_encoder/`, e.g. `freetalk models tiny DIR`,
 or the real ViT-H), each pair also gets the Pearson correlation between the structure
 embedding's distance from the anchor frame and the lip opening (`embedding_follows_lips`).
@@ -34,7 +44,7 @@ created on first use as
 reads frames from a .npy file and writes the landmarks to another.
 
     .venv/bin/python bench/structure_observers.py [--frames 75] [--out DIR] [--models DIR]
-        [--identities A B ...] [--lip-refs C D ...]
+        [--identities A B ...] [--lip-refs C D ...] [--static-identity]
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.structurist import SHARED, detect_all, prepare, render_pair, upper_face_psnr  # noqa: E402
 from freetalk_core import face_crop  # noqa: E402
 from freetalk_core.fit_3dmm import fit_landmarks, load_face_model  # noqa: E402
-from freetalk_core.lips import lip_opening, normalised_landmarks  # noqa: E402
+from freetalk_core.lips import closed_mouth_index, lip_opening, normalised_landmarks  # noqa: E402
 from freetalk_core.structure_render import ModernGLRenderer, lip_colour_lab  # noqa: E402
 
 MEDIAPIPE = "mediapipe==0.10.21"
@@ -127,6 +137,16 @@ def observe(detector, mediapipe: MediaPipeObserver, frames: np.ndarray) -> dict[
             "dlib_landmarks": dlib_landmarks}
 
 
+def held_still(crops: np.ndarray, landmarks: np.ndarray, fit) -> tuple:
+    """(crops, landmarks, fit) of a clip with its most closed-mouth frame in every frame."""
+    from dataclasses import replace
+
+    T, k = len(crops), closed_mouth_index(landmarks)
+    return (np.repeat(crops[k:k + 1], T, axis=0), np.repeat(landmarks[k:k + 1], T, axis=0),
+            replace(fit, **{f: np.repeat(v[k:k + 1], T, axis=0) for f, v in fit.__dict__.items()
+                            if isinstance(v, np.ndarray) and len(v) == T}))
+
+
 def agreement(rendered: np.ndarray, reference: np.ndarray) -> tuple[float, float, int]:
     """(Pearson, std ratio rendered / reference, frames missed by the observer)."""
     ok = np.isfinite(rendered) & np.isfinite(reference)
@@ -187,6 +207,8 @@ def main() -> None:
     parser.add_argument("--lip-refs", nargs="*", help="only these clips as lip reference (file names)")
     parser.add_argument("--models", type=Path, help="models folder with image_encoder/: embedding check")
     parser.add_argument("--mp-venv", type=Path, default=Path("/work/mp-venv"))
+    parser.add_argument("--static-identity", action="store_true",
+                        help="hold each identity still at its most closed-mouth frame (crop, landmarks, fit)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "freetalk-bench-observers")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -213,15 +235,23 @@ def main() -> None:
         fits[name] = fit_landmarks(model, clips[name][1])
         fit_ms.append(1000 * (time.perf_counter() - start) / len(clips[name][1]))
         seen[name] = observe(plain_dlib, mediapipe, clips[name][0])
+        seen[name]["drive"] = lip_opening(clips[name][1])
+    if args.static_identity:
+        held = {name: held_still(*clips[name], fits[name]) for name in identities}
+        clips.update({("held", name): value[:2] for name, value in held.items()})
+        fits.update({("held", name): value[2] for name, value in held.items()})
 
     rows, series, sheets, render_ms = [], {}, {}, []
     print(f"{len(pairs)} pairs, {args.frames} frames each")
     print(f"{'identity':44s} {'lip reference':44s} {'dlib r':>6s} {'ratio':>5s} {'inner':>5s} "
-          f"{'MP r':>6s} {'ratio':>5s} {'inner':>5s} {'PSNR':>5s} {'dLab':>5s}" + ("  emb r" if encoder else ""))
+          f"{'MP r':>6s} {'ratio':>5s} {'inner':>5s} {'~drive':>6s} {'ceil':>5s} {'PSNR':>5s} {'dLab':>5s}"
+          + ("  emb r" if encoder else ""))
     for identity, lip_ref in pairs:
-        frames, ms = render_pair(model, clips, fits, identity, lip_ref, renderer)
+        shown_identity = ("held", identity) if args.static_identity else identity
+        frames, ms = render_pair(model, clips, fits, shown_identity, lip_ref, renderer)
         render_ms.append(ms)
-        (crops, landmarks), (lip_crops, lip_landmarks), n = clips[identity], clips[lip_ref], len(frames)
+        (crops, landmarks), (lip_crops, lip_landmarks) = clips[shown_identity], clips[lip_ref]
+        n = len(frames)
         shown, reference = observe(plain_dlib, mediapipe, frames), {k: v[:n] for k, v in seen[lip_ref].items()}
         row = dict(identity=identity, lip_ref=lip_ref, frames=n)
         for observer in ("dlib", "mp"):
@@ -229,6 +259,8 @@ def main() -> None:
             _, inner_ratio, _ = agreement(shown[f"{observer}_inner"], reference[f"{observer}_inner"])
             row.update({f"{observer}_pearson": r, f"{observer}_std_ratio": ratio,
                         f"{observer}_inner_std_ratio": inner_ratio, f"{observer}_missed": missed})
+        row["mp_drive_pearson"], _, _ = agreement(shown["mp_outer"], reference["drive"])
+        row["mp_ceiling"], _, _ = agreement(reference["mp_outer"], reference["drive"])
         row["upper_psnr_db"] = float(np.mean([upper_face_psnr(f, c, lm) for f, c, lm in
                                               zip(frames, crops, landmarks)]))
         closed = np.argsort(lip_opening(landmarks[:n]))[:8]
@@ -250,12 +282,16 @@ def main() -> None:
                                       for i in order[[0, n // 2, -1]]], axis=0)[::2, ::2]
         print(f"{identity:44s} {lip_ref:44s} {row['dlib_pearson']:6.3f} {row['dlib_std_ratio']:5.2f} "
               f"{row['dlib_inner_std_ratio']:5.2f} {row['mp_pearson']:6.3f} {row['mp_std_ratio']:5.2f} "
-              f"{row['mp_inner_std_ratio']:5.2f} {row['upper_psnr_db']:5.1f} {row['lips_dlab']:5.1f}"
+              f"{row['mp_inner_std_ratio']:5.2f} {row['mp_drive_pearson']:6.3f} {row['mp_ceiling']:5.3f} "
+              f"{row['upper_psnr_db']:5.1f} {row['lips_dlab']:5.1f}"
               + (f"  {row['embedding_pearson']:5.3f}" if encoder else ""), flush=True)
     mediapipe.close()
 
     result = dict(frames=args.frames, pairs=rows, fit_ms=float(np.mean(fit_ms)), render_ms=float(np.mean(render_ms)),
                   dlib=summary(rows, "dlib"), mediapipe=summary(rows, "mp"),
+                  static_identity=args.static_identity,
+                  mp_drive_pearson_mean=float(np.nanmean([r["mp_drive_pearson"] for r in rows])),
+                  mp_ceiling_mean=float(np.nanmean([r["mp_ceiling"] for r in rows])),
                   upper_psnr_db_min=float(min(r["upper_psnr_db"] for r in rows)),
                   lips_dlab_max=float(max(r["lips_dlab"] for r in rows)))
     if encoder is not None:
@@ -272,6 +308,8 @@ def main() -> None:
     if encoder is not None:
         print(f"structure embedding vs lip opening: Pearson mean {result['embedding']['mean']:.3f}, "
               f"min {result['embedding']['min']:.3f}")
+    print(f"MediaPipe against the drive: on the structure frames Pearson mean "
+          f"{result['mp_drive_pearson_mean']:.3f}, on the real lip-reference frames {result['mp_ceiling_mean']:.3f}")
     print(f"upper-face PSNR >= {result['upper_psnr_db_min']:.1f} dB; lips dLab <= {result['lips_dlab_max']:.1f}; "
           f"fit {result['fit_ms']:.1f} ms/frame, structure render {result['render_ms']:.1f} ms/frame")
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
