@@ -3,7 +3,12 @@
 import cv2
 import numpy as np
 
-from freetalk_core.structure_render.mouth_interior import THROAT_RGB, paint_mouth_interior, teeth_colour
+from freetalk_core.structure_render.mouth_interior import (
+    THROAT_RGB,
+    cavity_coverage,
+    paint_mouth_interior,
+    teeth_colour,
+)
 
 IOD = 120.0  # inter-ocular distance, px
 TEETH = np.array([220.0, 210.0, 195.0], np.float32)
@@ -47,3 +52,32 @@ def test_a_slit_shows_no_teeth_and_a_closed_mouth_nothing():
 
 def test_teeth_are_lit_like_the_face():
     assert (teeth_colour([200, 170, 150]) > teeth_colour([90, 70, 60])).all()
+
+
+def _lens_edges(height, centre_y=100.3, half_width=45.0):
+    """Upper and lower inner lip edges of a lens `height` px tall at its middle (shuffled)."""
+    x = np.linspace(100 - half_width, 100 + half_width, 31)
+    bulge = height / 2 * (1 - ((x - 100) / half_width) ** 2)
+    order = np.random.default_rng(0).permutation(len(x))
+    return (np.stack([x, centre_y - bulge], 1)[order], np.stack([x, centre_y + bulge], 1)[order])
+
+
+def test_the_cavity_covers_each_pixel_column_by_the_opening_there():
+    upper, lower = _lens_edges(6.0)
+    coverage = cavity_coverage(upper, lower, 200)
+    centres = np.arange(200) + 0.5
+    top, bottom = (np.interp(centres, *edge[np.argsort(edge[:, 0])].T) for edge in (upper, lower))
+    expected = (bottom - top) * (np.abs(centres - 100) <= 45)
+    np.testing.assert_allclose(coverage.sum(axis=0), expected, atol=1e-5)
+    assert coverage.min() >= 0 and coverage.max() <= 1
+    # Touching or crossed edges: nothing open.
+    assert not cavity_coverage(lower, upper, 200).any()
+    assert not cavity_coverage(upper, upper, 200).any()
+
+
+def test_a_parting_thinner_than_a_pixel_darkens_the_whole_lip_line():
+    colour = np.full((200, 200, 3), (170, 80, 80), np.float32)
+    upper, lower = _lens_edges(0.6)
+    painted = paint_mouth_interior(colour, cavity_coverage(upper, lower, 200), IOD, TEETH)
+    row = _luminance(painted[100, 70:131])  # the lip line's row, away from the corners
+    assert (row < _luminance(colour[100, 70:131]) - 20).all()

@@ -23,7 +23,7 @@ import numpy as np
 from freetalk_core import CROP_SIZE
 from freetalk_core.fit_3dmm import FaceModel, FitResult, identity_shape, project_vertices
 from freetalk_core.lips import closed_mouth_index, lip_opening
-from freetalk_core.structure_render.mouth_interior import paint_mouth_interior, teeth_colour
+from freetalk_core.structure_render.mouth_interior import cavity_coverage, paint_mouth_interior, teeth_colour
 from freetalk_core.structure_render.mouth_rig import CHIN, LOWER_JAW_AND_LIP, MouthRig, mouth_motion
 from freetalk_core.structure_render.renderers import (
     ModernGLRenderer,
@@ -114,8 +114,7 @@ class StructureFrames:
         self.identity_mouth = rig.registration_motion(self.landmarks[anchor], identity_fit.modelview[anchor],
                                                       identity_fit.projection[anchor], identity_fit.size)
 
-        texture_uv = model.uv[np.concatenate([np.arange(len(model.uv)), rig.cavity_source])] * TEXTURE_SIZE
-        self.attributes = np.concatenate([texture_uv, rig.interior[:, None].astype(np.float32)], axis=1)
+        self.attributes = model.uv[np.concatenate([np.arange(len(model.uv)), rig.cavity_source])] * TEXTURE_SIZE
 
         self.motion = mouth_motion(lip_landmarks)
         # Target opening: the identity's own closed mouth, opened as much as the lip reference's
@@ -156,8 +155,8 @@ class StructureFrames:
         colour = cv2.remap(frame_texture, lookup[..., 0] - 0.5, lookup[..., 1] - 0.5, cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
         eyes = self.landmarks[t, 36:42].mean(0), self.landmarks[t, 42:48].mean(0)
-        colour = paint_mouth_interior(colour, lookup[..., 2], float(np.linalg.norm(eyes[1] - eyes[0])),
-                                      self.teeth_rgb)
+        opened = cavity_coverage(*(projected[edge, :2] for edge in rig.inner_lip_edges()), size)
+        colour = paint_mouth_interior(colour, opened, float(np.linalg.norm(eyes[1] - eyes[0])), self.teeth_rgb)
         # The render's own edge, eroded and feathered, limits the blend (nothing behind the mesh).
         coverage = cv2.GaussianBlur(cv2.erode(covered.astype(np.float32), np.ones((5, 5))), (0, 0), 2.0)
         alpha = (lower_face_mask(self._blend_outline(t, projected), size) * coverage)[..., None]

@@ -1,7 +1,9 @@
 """What a structure frame shows between parted lips: a mouth interior painted in image space.
 
-The mouth rig's cavity marks where the mouth is open (`inside`, with a hard edge at the inner
-lip edge). Inside it: a band of upper teeth just below the upper lip (as tall as a real mouth
+Where the mouth is open is the share of each pixel between the two inner lip edges as the
+camera shows them (`cavity_coverage`: exact along each pixel column, so a parting narrower
+than a pixel shows as a faint continuous line, not as the dashes a rasterized cavity leaves).
+Inside it: a band of upper teeth just below the upper lip (as tall as a real mouth
 shows them, never more than part of the opening, fading out towards the mouth corners), and a
 dark throat below, shaded darker towards its middle; the inner lip edge itself gets a thin
 shadow. Nothing of the lip reference's own mouth interior is used: only its opening reaches
@@ -38,6 +40,8 @@ LOWER_TEETH_SHADE = 0.8
 """Brightness of the lower teeth relative to the upper."""
 EDGE_SHADOW = 0.3
 """How much darker the lip is along the inner lip edge (1-2 px)."""
+SLIVER = 0.02
+"""Pixels open by less than this share stay lip, without an edge shadow around them."""
 
 
 def teeth_colour(skin_rgb: np.ndarray) -> np.ndarray:
@@ -46,18 +50,44 @@ def teeth_colour(skin_rgb: np.ndarray) -> np.ndarray:
     return (np.array(TEETH_RGB, np.float32) * np.clip(luminance / SKIN_LUMINANCE, 0.6, 1.15)).astype(np.float32)
 
 
+def cavity_coverage(upper_edge: np.ndarray, lower_edge: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) float32 in [0, 1]: the share of each pixel between the upper and the lower
+    inner lip edge, each given as (K, 2) px points along it, the mouth corners included (in any
+    order: they are joined in order of x). Pixel (r, c) spans [c, c + 1] x [r, r + 1]; each
+    pixel column is cut at its centre; where the edges touch or cross, nothing is open."""
+    coverage = np.zeros((size, size), np.float32)
+    upper = upper_edge[np.argsort(upper_edge[:, 0])]
+    lower = lower_edge[np.argsort(lower_edge[:, 0])]
+    left, right = max(upper[0, 0], lower[0, 0]), min(upper[-1, 0], lower[-1, 0])
+    cols = np.arange(max(int(np.floor(left)), 0), min(int(np.ceil(right)), size))
+    cols = cols[(cols + 0.5 >= left) & (cols + 0.5 <= right)]
+    centres = cols + 0.5
+    top = np.interp(centres, upper[:, 0], upper[:, 1])
+    bottom = np.interp(centres, lower[:, 0], lower[:, 1])
+    open_ = bottom > top
+    if not open_.any():
+        return coverage
+    cols, top, bottom = cols[open_], top[open_], bottom[open_]
+    rows = np.arange(max(int(np.floor(top.min())), 0), min(int(np.ceil(bottom.max())), size))
+    share = np.clip(np.minimum(rows[:, None] + 1.0, bottom) - np.maximum(rows[:, None], top), 0.0, 1.0)
+    coverage[rows[:, None], cols[None, :]] = share
+    return coverage
+
+
 def paint_mouth_interior(colour: np.ndarray, inside: np.ndarray, inter_ocular_px: float,
                          teeth_rgb: np.ndarray) -> np.ndarray:
-    """`colour` (S, S, 3) float32 with the mouth interior painted where `inside` (S, S) float
-    in [0, 1] (the rasterized cavity) is set; returns a new array."""
+    """`colour` (S, S, 3) float32 with the mouth interior painted over the share `inside`
+    (S, S) float in [0, 1] (`cavity_coverage`) of each pixel; the teeth and the throat's
+    shading follow the pixels at least half open. Returns a new array."""
     colour = np.array(colour, np.float32, copy=True)
-    rows, cols = np.nonzero(inside > 0.5)
+    rows, cols = np.nonzero(inside > SLIVER)
     if len(rows) == 0:
         return colour
     pad = 4
     y0, y1 = max(rows.min() - pad, 0), min(rows.max() + pad + 1, inside.shape[0])
     x0, x1 = max(cols.min() - pad, 0), min(cols.max() + pad + 1, inside.shape[1])
-    mask = inside[y0:y1, x0:x1] > 0.5
+    share = np.clip(inside[y0:y1, x0:x1], 0.0, 1.0).astype(np.float32)
+    mask = share > 0.5
     h, w = mask.shape
     has = mask.any(axis=0)
     top = np.where(has, mask.argmax(axis=0), 0)
@@ -66,7 +96,7 @@ def paint_mouth_interior(colour: np.ndarray, inside: np.ndarray, inter_ocular_px
     row = np.arange(h, dtype=np.float32)[:, None]
 
     # Across the mouth: full teeth in the middle, fading to none at the corners.
-    open_cols = np.flatnonzero(has)
+    open_cols = np.flatnonzero((share > SLIVER).any(axis=0))
     left, right = open_cols.min(), open_cols.max()
     across = (np.arange(w) - (left + right) / 2.0) / max((right - left) / 2.0, 1.0)
     profile = np.sqrt(np.clip(1.0 - across**2, 0.0, 1.0)).astype(np.float32)
@@ -92,9 +122,10 @@ def paint_mouth_interior(colour: np.ndarray, inside: np.ndarray, inter_ocular_px
 
     interior = (np.array(THROAT_RGB, np.float32) * throat_shade[..., None] * (1 - teeth[..., None])
                 + np.asarray(teeth_rgb, np.float32) * (teeth * teeth_shade)[..., None])
-    soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 0.6)
-    edge = cv2.GaussianBlur(cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(np.float32)
-                            - mask, (0, 0), 0.8)
+    soft = np.clip(cv2.GaussianBlur(share, (0, 0), 0.6), 0.0, 1.0)
+    touched = (share > SLIVER).astype(np.uint8)
+    edge = cv2.GaussianBlur(cv2.dilate(touched, np.ones((3, 3), np.uint8)).astype(np.float32) - touched,
+                            (0, 0), 0.8)
     block = colour[y0:y1, x0:x1] * (1.0 - EDGE_SHADOW * np.clip(edge, 0, 1))[..., None]
     colour[y0:y1, x0:x1] = block * (1 - soft[..., None]) + interior * soft[..., None]
     return colour

@@ -190,8 +190,8 @@ class MouthRig:
         """The cavity: a copy of the mouth loop (the inner lip edge), a ring just inside it and
         behind it, and a point deep in the mouth that closes it. Its vertices are its own (the
         face mesh's loop vertices are not shared), so what is cavity and what is lip has a hard
-        edge; `interior` marks them, `cavity_source` gives the face vertex each one copies its
-        texture coordinate from (its loop vertex)."""
+        edge; `cavity_source` gives the face vertex each one copies its texture coordinate from
+        (its loop vertex)."""
         n = self.n_model
         loop_points = self.base[self.mouth_loop]
         centre = loop_points.mean(0)
@@ -207,9 +207,12 @@ class MouthRig:
         self.ring_offset = (ring - loop_points).astype(np.float32)
         self.back_offset = np.array([0, 0, -depth], np.float32)
         self.triangles = np.concatenate([model_triangles, np.array(cavity, np.int32)]).astype(np.int32)
-        self.interior = np.zeros(n + 2 * k + 1, bool)
-        self.interior[n:] = True
         self.cavity_source = np.concatenate([self.mouth_loop, self.mouth_loop, self.mouth_loop[:1]]).astype(np.int64)
+
+    def inner_lip_edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Vertex indices of the upper and the lower inner lip edge, the mouth corners included."""
+        left, right = self.corners
+        return tuple(np.concatenate([[left], arc, [right]]) for arc in self.arcs)
 
     @staticmethod
     def _field(base: np.ndarray, controls: list[int], pinned: list[int], scale: float) -> np.ndarray:
