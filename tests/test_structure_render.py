@@ -1,4 +1,5 @@
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -14,6 +15,8 @@ from freetalk_core.fit_3dmm import fit_landmarks, load_face_model
 from freetalk_core.lips import closed_mouth_index, lip_opening, normalised_landmarks
 from freetalk_core.structure_render import (
     ModernGLRenderer,
+    StructureFrames,
+    lip_band_colour_lab,
     lip_colour_lab,
     lower_face_mask,
     mouth_motion,
@@ -134,6 +137,25 @@ def test_structure_frames_follow_the_lip_reference(clips, model, renderer, detec
     shown = np.mean([lip_colour_lab(f, lm) for f, lm in zip(frames, rendered_landmarks)], axis=0)
     assert np.linalg.norm(shown - own) <= 6.0
     assert np.linalg.norm(shown - own) < np.linalg.norm(shown - other)
+
+
+def test_the_drawn_lip_outline_carries_the_identitys_lip_colour_at_every_opening(clips, model, renderer):
+    crops, landmarks, fit = clips["MimicTalk__May_5s.mp4"]
+    _, lip_landmarks, _ = clips["EDTalk__mouth_source.mp4"]
+    structure = StructureFrames(model, crops, landmarks, fit, lip_landmarks, renderer)
+    closed = closed_mouth_index(landmarks)
+    own = lip_colour_lab(crops[closed], landmarks[closed])
+    widest = int(np.argmax(lip_opening(lip_landmarks)))
+    for t in (closed, widest):
+        outer, inner = structure.lip_outline(t)
+        assert outer.shape == (12, 2) and inner.shape[1] == 2
+        contour = outer.astype(np.float32).reshape(-1, 1, 2)
+        assert min(cv2.pointPolygonTest(contour, (float(x), float(y)), True) for x, y in inner) > -1.0
+        shown = lip_band_colour_lab(structure.frame(t, crops[t]), outer, inner)
+        assert np.linalg.norm(shown - own) <= 3.0
+    # Wide open, the inner outline encloses an opening; the mouth interior is not counted as lip.
+    _, inner = structure.lip_outline(widest)
+    assert cv2.contourArea(inner.astype(np.float32)) > 100.0
 
 
 def test_a_lip_reference_that_stays_open_does_not_open_the_identitys_mouth(clips, model, renderer, detector):

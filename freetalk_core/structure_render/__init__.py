@@ -34,14 +34,15 @@ from freetalk_core.structure_render.renderers import (
 from freetalk_core.structure_render.texture import (
     TEXTURE_SIZE,
     extract_texture,
+    lip_band_colour_lab,
     lip_colour_lab,
     sample_texture,
 )
 
 __all__ = [
     "TEXTURE_SIZE", "ModernGLRenderer", "MouthRig", "NvdiffrastRenderer", "Renderer",
-    "StructureFrames", "extract_texture", "lip_colour_lab", "lower_face_mask", "make_renderer", "mouth_motion",
-    "render_structure_frames", "sample_texture",
+    "StructureFrames", "extract_texture", "lip_band_colour_lab", "lip_colour_lab", "lower_face_mask",
+    "make_renderer", "mouth_motion", "render_structure_frames", "sample_texture",
 ]
 
 
@@ -140,17 +141,7 @@ class StructureFrames:
                                          fit.modelview[t], fit.projection[t], fit.rotation[t])
             own_share = np.clip(4.0 * weight, 0.0, 1.0)[..., None]
             frame_texture = self.texture * (1 - own_share) + own * own_share
-        # The lower lip and the chin follow the lip reference's opening exactly in the image:
-        # the fit's lips, the rig's spreading and the identity's pose (a pitched head shows a
-        # shorter mouth) each change it a little. Projection is linear: one step is exact.
-        frame_motion = self.identity_mouth + self.motion[t]
-        camera = (self.model.landmark_vertex, fit.modelview[t], fit.projection[t], size)
-        shown = rig.projected_opening(rig.vertices(frame_motion), *camera)
-        slope = rig.projected_opening(rig.vertices(frame_motion + self.drop), *camera) - shown
-        if self.match_opening and abs(slope) > 1e-6:
-            frame_motion = frame_motion + self.drop * ((self.target[t] - shown) / slope)
-        vertices = rig.vertices(frame_motion)
-        projected = project_vertices(vertices, fit.modelview[t], fit.projection[t], size)
+        projected = self.projected_mesh(t)
         lookup, covered = self.renderer.rasterize(projected, rig.triangles, self.attributes, size)
         colour = cv2.remap(frame_texture, lookup[..., 0] - 0.5, lookup[..., 1] - 0.5, cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
@@ -163,6 +154,29 @@ class StructureFrames:
         blended = identity_crop.astype(np.float32) * (1 - alpha) + colour * alpha
         return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
+    def projected_mesh(self, t: int) -> np.ndarray:
+        """(N, 3) float32 frame t's rig vertices (cavity included) in crop px: the lip
+        reference's mouth motion on the identity's closed mouth, seen by frame t's camera."""
+        rig, fit = self.rig, self.fit
+        # The lower lip and the chin follow the lip reference's opening exactly in the image:
+        # the fit's lips, the rig's spreading and the identity's pose (a pitched head shows a
+        # shorter mouth) each change it a little. Projection is linear: one step is exact.
+        frame_motion = self.identity_mouth + self.motion[t]
+        camera = (self.model.landmark_vertex, fit.modelview[t], fit.projection[t], self.size)
+        shown = rig.projected_opening(rig.vertices(frame_motion), *camera)
+        slope = rig.projected_opening(rig.vertices(frame_motion + self.drop), *camera) - shown
+        if self.match_opening and abs(slope) > 1e-6:
+            frame_motion = frame_motion + self.drop * ((self.target[t] - shown) / slope)
+        return project_vertices(rig.vertices(frame_motion), fit.modelview[t], fit.projection[t], self.size)
+
+    def lip_outline(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Where frame t shows the lips, in crop px: the outer lip edge (12, 2) (the outer-lip
+        landmarks' vertices, 48-59) and the inner lip edge (K, 2) (the upper edge from corner
+        to corner, then the lower edge back)."""
+        projected = self.projected_mesh(t)[:, :2]
+        outer = projected[self.model.landmark_vertex[48:60]]
+        upper, lower = (projected[edge] for edge in self.rig.inner_lip_edges())
+        return outer, np.concatenate([upper[np.argsort(upper[:, 0])], lower[np.argsort(-lower[:, 0])]])
 
     def _blend_outline(self, t: int, projected: np.ndarray) -> np.ndarray:
         """(68, 2) landmarks whose lower face the render is blended into: frame t's own, with

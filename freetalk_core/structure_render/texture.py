@@ -3,7 +3,7 @@
 The SFM has no colour model: a texture map in the SFM's UV layout is sampled from the
 identity's most-closed-mouth frames, each texel weighted by how squarely its surface faces the
 camera, and merged over those frames (`extract_texture`). `lip_colour_lab` measures the lips'
-mean colour in an image.
+mean colour in an image from its landmarks, `lip_band_colour_lab` between any two lip outlines.
 """
 
 from __future__ import annotations
@@ -29,16 +29,21 @@ going from 0.45 to 0.1, bench/structurist.py)."""
 
 
 def lip_colour_lab(image: np.ndarray, landmarks: np.ndarray, border_px: int = 2) -> np.ndarray:
-    """(3,) float32 mean CIE Lab colour (L in 0-100) of the lips.
+    """(3,) float32 mean CIE Lab colour (L in 0-100) of the lips: `lip_band_colour_lab` of the
+    outer-lip polygon (48-59) and the inner one (60-67) of `landmarks` (68, 2) px."""
+    return lip_band_colour_lab(image, landmarks[48:60], landmarks[60:68], border_px)
 
-    The lips are the outer-lip polygon (48-59) minus the inner one (60-67), less `border_px`
-    pixels along their edges: edge pixels mix the lip colour with the skin's and the mouth
-    interior's, and a stretched, thin lip would be mostly edge (all of it is kept where the
-    erosion would leave nothing). image: (H, W, 3) uint8 RGB; landmarks: (68, 2) px.
+
+def lip_band_colour_lab(image: np.ndarray, outer: np.ndarray, inner: np.ndarray, border_px: int = 2) -> np.ndarray:
+    """(3,) float32 mean CIE Lab colour (L in 0-100) of the lips between the polygons `outer`
+    and `inner` ((K, 2) px each), less `border_px` pixels along their edges: edge pixels mix
+    the lip colour with the skin's and the mouth interior's, and a stretched, thin lip would be
+    mostly edge (all of it is kept where the erosion would leave nothing). image: (H, W, 3)
+    uint8 RGB.
     """
     mask = np.zeros(image.shape[:2], np.uint8)
-    cv2.fillPoly(mask, [np.round(landmarks[48:60]).astype(np.int32)], 1)
-    cv2.fillPoly(mask, [np.round(landmarks[60:68]).astype(np.int32)], 0)
+    cv2.fillPoly(mask, [np.round(outer).astype(np.int32)], 1)
+    cv2.fillPoly(mask, [np.round(inner).astype(np.int32)], 0)
     if border_px > 0:
         eroded = cv2.erode(mask, np.ones((2 * border_px + 1,) * 2, np.uint8))
         mask = eroded if eroded.any() else mask
