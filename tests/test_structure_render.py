@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from freetalk_core.face_crop import (
+    CROP_TEMPLATE,
     LandmarkDetector,
     crop_transforms,
     fill_and_smooth,
@@ -16,6 +17,7 @@ from freetalk_core.lips import closed_mouth_index, lip_opening, normalised_landm
 from freetalk_core.structure_render import (
     ModernGLRenderer,
     StructureFrames,
+    follow_chin,
     lip_band_colour_lab,
     lip_colour_lab,
     lower_face_mask,
@@ -174,6 +176,56 @@ def test_a_lip_reference_that_stays_open_does_not_open_the_identitys_mouth(clips
     assert reference_open > identity_closed + 0.15
     # Measured: within 0.09 of the identity's closed mouth, with the reference 0.3 wider open.
     assert rendered.max() < identity_closed + 0.4 * (reference_open - identity_closed), rendered
+
+
+def test_follow_chin_moves_the_jaw_and_neck_between_the_jaw_points_only():
+    landmarks = CROP_TEMPLATE.astype(np.float32)
+    rows = np.arange(512) // 2
+    crop = np.repeat(np.repeat(rows[:, None, None], 512, axis=1), 3, axis=2).astype(np.uint8)
+    chin = np.array([8])
+    depth = 40.0
+    for shift in (-20.0, 16.0):
+        moved, outline = follow_chin(crop, landmarks, chin, np.array([shift]), depth)
+        x8, y8 = landmarks[8]
+        # The row that was the chin is now at the shifted chin, in the chin's column.
+        assert abs(int(moved[int(round(y8 + shift)), int(round(x8)), 0]) - int(round(y8)) // 2) <= 1
+        assert outline[8, 1] == pytest.approx(y8 + shift)
+        np.testing.assert_array_equal(outline[[2, 14]], landmarks[[2, 14]])
+        np.testing.assert_array_equal(outline[:2], landmarks[:2])
+        # Nothing above the nose base, beside the jaw points 2 and 14, or past the neck band moves.
+        np.testing.assert_array_equal(moved[: int(landmarks[33, 1])], crop[: int(landmarks[33, 1])])
+        np.testing.assert_array_equal(moved[:, : int(landmarks[2, 0])], crop[:, : int(landmarks[2, 0])])
+        np.testing.assert_array_equal(moved[:, int(landmarks[14, 0]) + 2:], crop[:, int(landmarks[14, 0]) + 2:])
+        low = int(landmarks[8, 1] + depth + abs(shift)) + 3
+        np.testing.assert_array_equal(moved[low:], crop[low:])
+    same, outline = follow_chin(crop, landmarks, chin, np.array([0.0]), depth)
+    np.testing.assert_array_equal(same, crop)
+    np.testing.assert_array_equal(outline, landmarks)
+
+
+def test_the_identitys_own_open_jaw_does_not_show_below_a_closed_rendered_mouth(clips, model, renderer):
+    # EDTalk opens wide at its frame 34; with the lip reference held closed, the rendered chin
+    # is about 26 px above EDTalk's own. The jaw line (the edge from the chin down into its
+    # shadow, the strongest darkening down the chin's column) must be at the rendered chin, not
+    # where the identity's own chin was (measured: 2.5 px from the rendered chin; blended over
+    # the identity's crop unmoved, it stays 1 px from the identity's own edge, 15.5 px below).
+    crops, landmarks, fit = clips["EDTalk__mouth_source.mp4"]
+    _, lip_landmarks, _ = clips["VideoRetalking__face_2.mp4"]
+    held_closed = np.repeat(lip_landmarks[closed_mouth_index(lip_landmarks)][None], len(crops), axis=0)
+    structure = StructureFrames(model, crops, landmarks, fit, held_closed, renderer)
+    t = int(np.argmax(lip_opening(landmarks)))
+    x, rendered = structure.projected_mesh(t)[structure.rig.control_vertex[8], :2]
+    assert landmarks[t, 8, 1] - rendered > 15.0
+    top, bottom = int(rendered) - 12, int(landmarks[t, 8, 1]) + 15
+
+    def jaw_line(image):
+        grey = cv2.GaussianBlur(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32), (0, 0), 1.5)
+        column = grey[top:bottom, int(x) - 8:int(x) + 9].mean(axis=1)
+        return top + int(np.argmin(np.diff(column))) + 0.5
+
+    own_edge, shown_edge = jaw_line(crops[t]), jaw_line(structure.frame(t, crops[t]))
+    assert abs(shown_edge - rendered) < abs(shown_edge - own_edge), (shown_edge, rendered, own_edge)
+    assert abs(shown_edge - rendered) < 5.0, (shown_edge, rendered)
 
 
 def _head(fit, n):
