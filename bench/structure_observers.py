@@ -236,10 +236,10 @@ def main() -> None:
         fits[name] = fit_landmarks(model, clips[name][1])
         fit_ms.append(1000 * (time.perf_counter() - start) / len(clips[name][1]))
         seen[name] = observe(plain_dlib, mediapipe, clips[name][0])
-        seen[name]["drive"] = lip_opening(clips[name][1])
+        seen[name]["drive"] = lip_opening(clips[name][2])
     if args.static_identity:
-        held = {name: held_still(*clips[name], fits[name]) for name in identities}
-        clips.update({("held", name): value[:2] for name, value in held.items()})
+        held = {name: held_still(*clips[name][:2], fits[name]) for name in identities}
+        clips.update({("held", name): (*value[:2], value[1]) for name, value in held.items()})
         fits.update({("held", name): value[2] for name, value in held.items()})
 
     rows, series, sheets, render_ms = [], {}, {}, []
@@ -251,7 +251,7 @@ def main() -> None:
         shown_identity = ("held", identity) if args.static_identity else identity
         frames, ms, structure = render_pair(model, clips, fits, shown_identity, lip_ref, renderer)
         render_ms.append(ms)
-        (crops, landmarks), (lip_crops, lip_landmarks) = clips[shown_identity], clips[lip_ref]
+        (crops, landmarks, _), (lip_crops, _, lip_landmarks) = clips[shown_identity], clips[lip_ref]
         n = len(frames)
         shown, reference = observe(plain_dlib, mediapipe, frames), {k: v[:n] for k, v in seen[lip_ref].items()}
         row = dict(identity=identity, lip_ref=lip_ref, frames=n)

@@ -53,21 +53,24 @@ PAIRS = (
 )
 
 
-def prepare(path: Path, n_frames: int, detector) -> tuple[np.ndarray, np.ndarray]:
-    """(T, 512, 512, 3) uint8 crops and (T, 68, 2) float32 crop landmarks of a clip's start."""
+def prepare(path: Path, n_frames: int, detector) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(T, 512, 512, 3) uint8 crops, (T, 68, 2) float32 crop landmarks and (T, 68, 2) float32
+    per-frame crop landmarks (not smoothed: what the face_crop stage keeps of a lip reference)
+    of a clip's start."""
     frames = read_video(path, max_frames=n_frames)
-    landmarks, found = face_crop.track_landmarks(iter(frames), detector)
-    landmarks, _ = face_crop.fill_and_smooth(landmarks, found)
+    tracked, found = face_crop.track_landmarks(iter(frames), detector)
+    landmarks, _ = face_crop.fill_and_smooth(tracked, found)
+    per_frame, _ = face_crop.fill_and_smooth(tracked, found, window=1)
     M = face_crop.crop_transforms(landmarks)
     crops = np.stack([face_crop.warp_to_crop(f, m) for f, m in zip(frames, M)])
-    return crops, face_crop.transform_points(landmarks, M[:, None])
+    return crops, face_crop.transform_points(landmarks, M[:, None]), face_crop.transform_points(per_frame, M[:, None])
 
 
 def render_pair(model, clips: dict, fits: dict, identity: str, lip_ref: str, renderer, **options):
     """The structure frames of (identity, lip reference), over the shorter clip, the render's
-    ms per frame and its `StructureFrames`. clips: name -> (crops, landmarks) of `prepare`;
-    fits: name -> fit."""
-    (crops, landmarks), (_, lip_landmarks) = clips[identity], clips[lip_ref]
+    ms per frame and its `StructureFrames`. clips: name -> (crops, landmarks, per-frame
+    landmarks) of `prepare`; fits: name -> fit."""
+    (crops, landmarks, _), (_, _, lip_landmarks) = clips[identity], clips[lip_ref]
     n = min(len(crops), len(lip_landmarks))
     start = time.perf_counter()
     structure = StructureFrames(model, crops[:n], landmarks[:n], _head(fits[identity], n), lip_landmarks[:n],
@@ -123,7 +126,7 @@ def main() -> None:
         clips[name] = prepare(SHARED / "samples" / name, args.frames, detector)
 
     fits, fit_ms = {}, []
-    for name, (crops, landmarks) in clips.items():
+    for name, (crops, landmarks, _) in clips.items():
         start = time.perf_counter()
         fits[name] = fit_landmarks(model, landmarks)
         fit_ms.append(1000 * (time.perf_counter() - start) / len(landmarks))
@@ -131,7 +134,7 @@ def main() -> None:
     # How far the eos fit alone (6 expression blendshapes) carries the lip opening: the fitted
     # meshes' projected outer-lip vertices against the landmarks they were fitted to.
     print("eos fit alone, lip opening of the projected mesh vs the landmarks:")
-    for name, (crops, landmarks) in clips.items():
+    for name, (crops, landmarks, _) in clips.items():
         lv = model.landmark_vertex
         mesh = np.stack([fit_frame_vertices(model, fits[name], t)[np.maximum(lv, 0), :2]
                          for t in range(len(landmarks))])
@@ -146,7 +149,7 @@ def main() -> None:
         frames, ms, structure = render_pair(model, clips, fits, identity, lip_ref, renderer,
                                             own_frame_texture=bool(args.own_frame_texture))
         render_ms.append(ms)
-        (crops, landmarks), (lip_crops, _), n = clips[identity], clips[lip_ref], len(frames)
+        (crops, landmarks, _), (lip_crops, _, _), n = clips[identity], clips[lip_ref], len(frames)
         rendered = detect_all(detector, frames)
         reference = detect_all(detector, lip_crops[:n])
         a = lip_opening(rendered)
@@ -172,7 +175,7 @@ def main() -> None:
           f"(on the rendered lip outline <= {max(r['lips_dlab_outline'] for r in rows):.1f})")
 
     # The bare rasterizer: one textured-mesh-sized draw and read-back at 512 x 512.
-    crops, landmarks = clips[PAIRS[0][0]]
+    crops, landmarks, _ = clips[PAIRS[0][0]]
     projected = fit_frame_vertices(model, fits[PAIRS[0][0]], 0)
     attributes = np.concatenate([model.uv, np.zeros((len(model.uv), 1), np.float32)], axis=1)
     raster_ms = _time(lambda: renderer.rasterize(projected, model.triangles, attributes, 512))

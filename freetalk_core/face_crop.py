@@ -542,7 +542,7 @@ def fill_and_smooth(
     clip. Every other frame without a face is marked passthrough (the original frame is used as
     is) and holds the nearest face, so every frame still has a usable crop transform. Each run
     of non-passthrough frames is then smoothed with a centred Savitzky-Golay filter (`window`
-    frames, quadratic): no lag, and lip peaks are kept better than by a moving average.
+    frames, quadratic; 1: none): no lag, and lip peaks are kept better than by a moving average.
 
     landmarks: (T, 68, 2) float32 frame px; found, bridged: (T,) bool (bridged: none when not
     given); source names the video in errors.

@@ -123,7 +123,7 @@ CROP_TRANSFORMS = _per_role(FACE_CROP, "transforms", ("T", 2, 3), np.float32, FR
 FACE_FOUND = _per_role(FACE_CROP, "face_found", ("T",), bool, FRAMES,
                        "the detector found the face in the source frame")
 LANDMARKS = _per_role(FACE_CROP, "landmarks", ("T", 68, 2), np.float32, FRAMES,
-                      "iBUG-68 landmarks, crop px")
+                      "iBUG-68 landmarks, crop px (identity: the smoothed track; lip_ref: each frame's own)")
 IDENTITY_PASSTHROUGH = _array(FACE_CROP, "identity_passthrough", ("T",), bool, FRAMES,
                               "identity frames passed through unchanged (no face near them)")
 MOUTH_MASKS = _array(FACE_CROP, "mouth_masks", ("T", "crop", "crop"), np.uint8, FRAMES,

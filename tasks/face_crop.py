@@ -43,13 +43,15 @@ def mouth_box(masks, margin: int = flow.DEFAULT_BOX_MARGIN) -> tuple[int, int, i
 
 def _track(path: str, job: ItemJob, detector, face_index: int = 0, face_box=None) -> tuple[np.ndarray, ...]:
     """Landmarks of every frame of `path`, streamed: one decoded frame in memory at a time;
-    then the frames of short gaps decoded again, to tell a missed face from a cut-away."""
+    then the frames of short gaps decoded again, to tell a missed face from a cut-away.
+    Returns the smoothed tracks, found, passthrough and the tracks filled but not smoothed."""
     landmarks, found = track_landmarks(video.read_frames(path, fps=job.fps), detector,
                                        face_index=face_index, face_box=face_box)
     wanted = gap_frame_indices(found) if found.any() else np.zeros(0, np.int64)
     bridged = bridge_gaps(landmarks, found, video.read_frames(path, fps=job.fps, indices=wanted))
     smoothed, passthrough = fill_and_smooth(landmarks, found, bridged, source=path)
-    return smoothed, found, passthrough
+    per_frame, _ = fill_and_smooth(landmarks, found, bridged, window=1, source=path)
+    return smoothed, found, passthrough, per_frame
 
 
 def output_length(job: ItemJob, n_lip_frames: int) -> int:
@@ -67,8 +69,10 @@ def _setup(job: ItemJob, run: StageRun) -> None:
         detector = load_cached(f"{job.detector} landmark detector",
                                lambda: make_detector(job.detector, job.models_dir),
                                models=job.models, components=("insightface",))
-    id_lm, id_found, id_pass = _track(job.identity, job, detector, job.face_index, job.face_box)
-    lip_lm, lip_found, _ = _track(job.lip_ref, job, detector)
+    id_lm, id_found, id_pass, _ = _track(job.identity, job, detector, job.face_index, job.face_box)
+    # The lip reference's crops follow its smoothed track; its landmarks, which drive the mouth,
+    # are each frame's own: smoothing over 5 frames blunts the fast closures of speech.
+    lip_lm, lip_found, _, lip_per_frame = _track(job.lip_ref, job, detector)
     n_frames = output_length(job, len(lip_lm))
     id_index = video.pingpong_indices(len(id_lm), n_frames)
     lip_index = video.pingpong_indices(len(lip_lm), n_frames)
@@ -86,7 +90,7 @@ def _setup(job: ItemJob, run: StageRun) -> None:
     per_output(arrays.FACE_FOUND["lip_ref"], lip_found, lip_index)
     per_output(arrays.IDENTITY_PASSTHROUGH, id_pass, id_index)
     per_output(arrays.LANDMARKS["identity"], transform_points(id_lm, id_m[:, None]), id_index)
-    per_output(arrays.LANDMARKS["lip_ref"], transform_points(lip_lm, lip_m[:, None]), lip_index)
+    per_output(arrays.LANDMARKS["lip_ref"], transform_points(lip_per_frame, lip_m[:, None]), lip_index)
     store.set_attrs(item, STAGE, n_frames=int(n_frames), fps=float(job.fps),
                     identity_source_frames=int(len(id_lm)),
                     lip_ref_source_frames=int(len(lip_lm)),

@@ -249,3 +249,23 @@ def test_crops_are_made_again_from_the_inputs(first_run):
             np.testing.assert_array_equal(read(start, stop), expected[start:stop])
     # Without a path: the video the items table records (the last role's, lip_ref).
     np.testing.assert_array_equal(Crops(store, item, "lip_ref")[2], expected[2])
+
+
+def test_lip_reference_landmarks_are_each_frames_own_on_crops_of_the_smoothed_track(first_run):
+    from freetalk_core import face_crop, video
+
+    job, _, _ = first_run
+    store, item = Store(job.store), job.item_id
+    frames = video.read_video(job.lip_ref, fps=25.0)
+    tracked, found = face_crop.track_landmarks(iter(frames), face_crop.LandmarkDetector())
+    smoothed, _ = face_crop.fill_and_smooth(tracked, found)
+    index = store.read(item, arrays.SOURCE_INDEX["lip_ref"])
+    transforms = store.read(item, arrays.CROP_TRANSFORMS["lip_ref"])
+    np.testing.assert_allclose(transforms, face_crop.crop_transforms(smoothed)[index], atol=1e-4)
+    stored = store.read(item, arrays.LANDMARKS["lip_ref"])
+    seen = found[index]
+    assert seen.mean() > 0.9
+    own = face_crop.transform_points(tracked[index], transforms[:, None])
+    np.testing.assert_allclose(stored[seen], own[seen], atol=1e-3)
+    # Not the smoothed track: the mouth follows what each frame shows.
+    assert np.abs(stored - face_crop.transform_points(smoothed[index], transforms[:, None])).max() > 0.2
