@@ -193,16 +193,16 @@ class StructureFrames:
         lookup, covered = self.renderer.rasterize(projected, rig.triangles, self.attributes, size)
         colour = cv2.remap(frame_texture, lookup[..., 0] - 0.5, lookup[..., 1] - 0.5, cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
-        eyes = self.landmarks[t, 36:42].mean(0), self.landmarks[t, 42:48].mean(0)
+        inter_ocular = float(np.linalg.norm(self.landmarks[t, 42:48].mean(0) - self.landmarks[t, 36:42].mean(0)))
         opened = cavity_coverage(*(projected[edge, :2] for edge in rig.inner_lip_edges()), size)
-        colour = paint_mouth_interior(colour, opened, float(np.linalg.norm(eyes[1] - eyes[0])), self.teeth_rgb)
+        colour = paint_mouth_interior(colour, opened, inter_ocular, self.teeth_rgb)
         # The identity's jaw and neck follow the rendered chin; the render's own edge, eroded and
         # feathered, limits the blend (nothing behind the mesh).
         vertex = rig.control_vertex[CHIN]
         mapped = vertex >= 0
         shift = projected[vertex[mapped], 1] - self.landmarks[t, CHIN[mapped], 1]
         identity_crop, outline = follow_chin(identity_crop, self.landmarks[t], CHIN[mapped], shift,
-                                             NECK_FOLLOW * float(np.linalg.norm(eyes[1] - eyes[0])))
+                                             NECK_FOLLOW * inter_ocular)
         coverage = cv2.GaussianBlur(cv2.erode(covered.astype(np.float32), np.ones((5, 5))), (0, 0), 2.0)
         mask = lower_face_mask(outline, size)
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
