@@ -43,7 +43,9 @@ def test_structure_frames_slice(pair, eos_dir):
     (crops, landmarks), (_, lip_landmarks) = pair
     model = load_face_model(eos_dir)
     frames = render_structure_frames(model, crops, landmarks, fit_landmarks(model, landmarks), lip_landmarks)
-    np.testing.assert_allclose(frames[:, 300:420:40, 200:320:40].mean(axis=-1), STRUCTURE, atol=1.0)
+    # 2 grey levels: the same code reads 33.3 on a 2-core AMD EPYC where the recording, made on
+    # another machine, reads 32.3 (frame 4, in the mouth's shadow); the rest agree within 1.
+    np.testing.assert_allclose(frames[:, 300:420:40, 200:320:40].mean(axis=-1), STRUCTURE, atol=2.0)
 
 
 def test_diffusion_frames_slice(pair, tiny_models):
