@@ -32,6 +32,12 @@ drive does, and no better unless they add what the drive misses). `--static-iden
 renders every pair with the identity's most-closed frame held still (its crop, landmarks and
 fit), which shows how much of what is lost comes from the identity's own motion.
 
+The two observers also scale the inner-lip opening of the same real frames differently, by a
+factor that depends on the clip (`mp_inner_scale`, MediaPipe's std over dlib's). Structure
+frames moved by the product's reading cannot undo that factor, so some pairs' MediaPipe inner
+std ratio must fall outside [0.75, 1.33] whatever the rendering: `mp_inner_outside_floor`
+counts the fewest (`inner_scale_floor`).
+
 With `--models DIR` (a models folder with `image_encoder/`, e.g. `freetalk models tiny DIR`,
 or the real ViT-H), each pair also gets the Pearson correlation between the structure
 embedding's distance from the anchor frame and the lip opening (`embedding_follows_lips`).
@@ -65,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.structurist import SHARED, detect_all, lips_dlab, prepare, render_pair, upper_face_psnr  # noqa: E402
 from freetalk_core import face_crop  # noqa: E402
 from freetalk_core.fit_3dmm import fit_landmarks, load_face_model  # noqa: E402
-from freetalk_core.lips import closed_mouth_index, lip_opening, normalised_landmarks  # noqa: E402
+from freetalk_core.lips import INNER_LIP_PAIRS, closed_mouth_index, lip_opening  # noqa: E402
 from freetalk_core.structure_render import ModernGLRenderer  # noqa: E402
 
 MEDIAPIPE = "mediapipe==0.10.21"
@@ -73,7 +79,6 @@ MP_WORKER = Path(__file__).resolve().parent / "mediapipe_landmarks.py"
 MP_OUTER = ((37, 84), (0, 17), (267, 314))
 MP_INNER = ((82, 87), (13, 14), (312, 317))
 MP_EYES = ((33, 133), (362, 263))
-DLIB_INNER = ((61, 67), (62, 66), (63, 65))
 VIDEO_SUFFIXES = (".mp4", ".mpg", ".mov", ".avi", ".mkv")
 
 
@@ -123,17 +128,11 @@ def mp_opening(landmarks: np.ndarray, pairs) -> np.ndarray:
     return along / distance
 
 
-def dlib_inner_opening(landmarks: np.ndarray) -> np.ndarray:
-    """(T,) float64 inner-lip opening of dlib landmarks (T, 68, 2), in inter-ocular distances."""
-    normalised = normalised_landmarks(landmarks).astype(np.float64)
-    return np.mean([normalised[:, q, 1] - normalised[:, p, 1] for p, q in DLIB_INNER], axis=0)
-
-
 def observe(detector, mediapipe: MediaPipeObserver, frames: np.ndarray) -> dict[str, np.ndarray]:
     """The lip openings both observers read in `frames` (T, S, S, 3) uint8 (NaN: no face)."""
     dlib_landmarks = detect_all(detector, frames)
     mp_landmarks = mediapipe.landmarks(frames)
-    return {"dlib_outer": lip_opening(dlib_landmarks), "dlib_inner": dlib_inner_opening(dlib_landmarks),
+    return {"dlib_outer": lip_opening(dlib_landmarks), "dlib_inner": lip_opening(dlib_landmarks, INNER_LIP_PAIRS),
             "mp_outer": mp_opening(mp_landmarks, MP_OUTER), "mp_inner": mp_opening(mp_landmarks, MP_INNER),
             "dlib_landmarks": dlib_landmarks}
 
@@ -189,6 +188,33 @@ def plot_pair(path: Path, row: dict, series: dict, sheet: np.ndarray) -> None:
     plt.close(figure)
 
 
+INNER_RATIO_RANGE = (0.75, 1.33)
+"""The goal for the inner-lip std ratio (structure / lip reference) of every pair."""
+
+
+def inner_scale_floor(seen: dict, pairs: list[tuple]) -> tuple[dict, int]:
+    """How differently the two observers scale the same real frames' inner-lip opening, and the
+    fewest pairs that this puts outside `INNER_RATIO_RANGE`.
+
+    scale[b] = std(MediaPipe inner) / std(dlib inner) on clip b's own frames. Structure frames
+    moved by the product's reading of lip reference b, which MediaPipe reads as k_a times that
+    reading (k_a: how identity a's rendered mouth is read), have a MediaPipe inner std ratio
+    of about k_a / scale[b]. Whatever k_a, the lip references of one identity whose scales
+    span more than the range's width (1.33 / 0.75) cannot all be inside it. Returns (scale per
+    clip, the fewest pairs outside the range summed over identities at their best k_a)."""
+    scale = {}
+    for name, values in seen.items():
+        ok = np.isfinite(values["mp_inner"]) & np.isfinite(values["dlib_inner"])
+        scale[name] = float(values["mp_inner"][ok].std() / values["dlib_inner"][ok].std())
+    low, high = INNER_RATIO_RANGE
+    outside = 0
+    for identity in {a for a, _ in pairs}:
+        q = np.sort([scale[b] for a, b in pairs if a == identity])
+        inside = max(int(np.sum((q >= v) & (q <= v * high / low))) for v in q)
+        outside += len(q) - inside
+    return scale, outside
+
+
 def summary(rows: list[dict], observer: str) -> dict:
     pearson = np.array([r[f"{observer}_pearson"] for r in rows])
     inner = np.array([r[f"{observer}_inner_std_ratio"] for r in rows])
@@ -197,6 +223,7 @@ def summary(rows: list[dict], observer: str) -> dict:
     return dict(mean=float(np.nanmean(pearson)), min=float(np.nanmin(pearson)), failed=int(np.isnan(pearson).sum()),
                 std_ratio=[float(np.nanmin(outer)), float(np.nanmax(outer))],
                 inner_std_ratio=[float(np.nanmin(inner)), float(np.nanmax(inner))],
+                inner_outside=int(np.sum((inner < INNER_RATIO_RANGE[0]) | (inner > INNER_RATIO_RANGE[1]))),
                 worst=[(rows[i]["identity"], rows[i]["lip_ref"], float(pearson[i])) for i in order[:5]])
 
 
@@ -285,11 +312,13 @@ def main() -> None:
               + (f"  {row['embedding_pearson']:5.3f}" if encoder else ""), flush=True)
     mediapipe.close()
 
+    scale, floor = inner_scale_floor(seen, pairs)
     result = dict(frames=args.frames, pairs=rows, fit_ms=float(np.mean(fit_ms)), render_ms=float(np.mean(render_ms)),
                   dlib=summary(rows, "dlib"), mediapipe=summary(rows, "mp"),
                   static_identity=args.static_identity,
                   mp_drive_pearson_mean=float(np.nanmean([r["mp_drive_pearson"] for r in rows])),
                   mp_ceiling_mean=float(np.nanmean([r["mp_ceiling"] for r in rows])),
+                  mp_inner_scale=scale, mp_inner_outside_floor=floor,
                   upper_psnr_db_min=float(min(r["upper_psnr_db"] for r in rows)),
                   lips_dlab_max=float(max(r["lips_dlab"] for r in rows)),
                   lips_dlab_outline_max=float(max(r["lips_dlab_outline"] for r in rows)))
@@ -300,7 +329,8 @@ def main() -> None:
         s = result[observer]
         print(f"{label}: Pearson mean {s['mean']:.3f}, min {s['min']:.3f} ({s['failed']} pairs unread); std ratio "
               f"{s['std_ratio'][0]:.2f}-{s['std_ratio'][1]:.2f}, inner {s['inner_std_ratio'][0]:.2f}-"
-              f"{s['inner_std_ratio'][1]:.2f}; worst: " + "; ".join(f"{a} <- {b} {r:.3f}" for a, b, r in s["worst"]))
+              f"{s['inner_std_ratio'][1]:.2f} ({s['inner_outside']} pairs outside {INNER_RATIO_RANGE}); worst: "
+              + "; ".join(f"{a} <- {b} {r:.3f}" for a, b, r in s["worst"]))
         for rank, (a, b, _) in enumerate(s["worst"]):
             row = next(r for r in rows if (r["identity"], r["lip_ref"]) == (a, b))
             plot_pair(args.out / f"worst_{observer}_{rank + 1}.png", row, series[(a, b)], sheets[(a, b)])
@@ -309,6 +339,10 @@ def main() -> None:
               f"min {result['embedding']['min']:.3f}")
     print(f"MediaPipe against the drive: on the structure frames Pearson mean "
           f"{result['mp_drive_pearson_mean']:.3f}, on the real lip-reference frames {result['mp_ceiling_mean']:.3f}")
+    print("MediaPipe / dlib inner-lip scale on the real frames: "
+          + ", ".join(f"{name} {value:.2f}" for name, value in sorted(scale.items(), key=lambda item: item[1]))
+          + f"; structure frames that follow the product's reading leave at least {floor} pairs outside "
+          f"{INNER_RATIO_RANGE}")
     print(f"upper-face PSNR >= {result['upper_psnr_db_min']:.1f} dB; lips dLab <= {result['lips_dlab_max']:.1f} "
           f"(on the rendered lip outline <= {result['lips_dlab_outline_max']:.1f}); "
           f"fit {result['fit_ms']:.1f} ms/frame, structure render {result['render_ms']:.1f} ms/frame")

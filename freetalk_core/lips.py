@@ -11,6 +11,8 @@ import numpy as np
 OUTER_LIP_PAIRS = ((50, 58), (51, 57), (52, 56))
 """iBUG-68 (0-based) upper/lower outer-lip landmark pairs: left, centre, right. Outer lip
 points never touch, so the opening stays positive even with the lips closed."""
+INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))
+"""iBUG-68 (0-based) upper/lower inner-lip landmark pairs: left, centre, right."""
 
 SMOOTHING_WINDOW = 5
 
@@ -22,12 +24,13 @@ def _landmark_array(landmarks: np.ndarray) -> np.ndarray:
     return landmarks
 
 
-def raw_lip_distance(landmarks: np.ndarray) -> np.ndarray:
-    """`(T,)` float64 mean vertical distance from the upper to the lower outer lip (the pairs
-    `OUTER_LIP_PAIRS`), in the landmarks' units, before smoothing. landmarks: `(T, 68, 2)`."""
+def raw_lip_distance(landmarks: np.ndarray, pairs=OUTER_LIP_PAIRS) -> np.ndarray:
+    """`(T,)` float64 mean vertical distance from the upper to the lower lip point of `pairs`
+    (by default the outer lip's), in the landmarks' units, before smoothing.
+    landmarks: `(T, 68, 2)`."""
     landmarks = _landmark_array(landmarks)
-    upper = landmarks[:, [p for p, _ in OUTER_LIP_PAIRS], 1]
-    lower = landmarks[:, [q for _, q in OUTER_LIP_PAIRS], 1]
+    upper = landmarks[:, [p for p, _ in pairs], 1]
+    lower = landmarks[:, [q for _, q in pairs], 1]
     return (lower - upper).mean(axis=1)
 
 
@@ -81,7 +84,9 @@ def normalised_landmarks(landmarks: np.ndarray) -> np.ndarray:
     return (np.stack([x, y], axis=-1) / distance[:, None]).astype(np.float32)
 
 
-def lip_opening(landmarks: np.ndarray) -> np.ndarray:
+def lip_opening(landmarks: np.ndarray, pairs=OUTER_LIP_PAIRS) -> np.ndarray:
     """`(T,)` float64 unsmoothed lip opening in units of the inter-ocular distance: the same
-    whatever the face's size, position and roll in the image. landmarks: `(T, 68, 2)` px."""
-    return raw_lip_distance(normalised_landmarks(landmarks))
+    whatever the face's size, position and roll in the image (`pairs`: the outer lip's, or
+    `INNER_LIP_PAIRS`). landmarks: `(T, 68, 2)` px."""
+    return raw_lip_distance(normalised_landmarks(landmarks), pairs)
+

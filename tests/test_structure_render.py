@@ -13,7 +13,12 @@ from freetalk_core.face_crop import (
     warp_to_crop,
 )
 from freetalk_core.fit_3dmm import fit_landmarks, load_face_model
-from freetalk_core.lips import closed_mouth_index, lip_opening, normalised_landmarks
+from freetalk_core.lips import (
+    INNER_LIP_PAIRS,
+    closed_mouth_index,
+    lip_opening,
+    normalised_landmarks,
+)
 from freetalk_core.structure_render import (
     ModernGLRenderer,
     StructureFrames,
@@ -24,6 +29,7 @@ from freetalk_core.structure_render import (
     mouth_motion,
     render_structure_frames,
 )
+from freetalk_core.structure_render.mouth_rig import LOWER_JAW_AND_LIP
 
 N_FRAMES = 40
 
@@ -226,6 +232,33 @@ def test_the_identitys_own_open_jaw_does_not_show_below_a_closed_rendered_mouth(
     own_edge, shown_edge = jaw_line(crops[t]), jaw_line(structure.frame(t, crops[t]))
     assert abs(shown_edge - rendered) < abs(shown_edge - own_edge), (shown_edge, rendered, own_edge)
     assert abs(shown_edge - rendered) < 5.0, (shown_edge, rendered)
+
+
+def test_a_small_opening_shows_on_an_identity_whose_closed_lips_the_detector_crossed(clips, model, renderer):
+    # dlib crosses RD_Radio2's inner lips on its most closed frame (the lower points above the
+    # upper ones). The rig's closed mouth has them meet instead, so a lip reference that parts
+    # its lips a little parts the identity's: built on the crossed points, the first 0.03
+    # inter-ocular distances of any opening went into uncrossing them (measured at a 0.04
+    # opening: the identity's inner lips parted by 0.029 with the rig uncrossed, 0.008 without).
+    crops, landmarks, fit = clips["SadTalker__RD_Radio2_000.mp4"]
+    _, lip_landmarks, _ = clips["VideoRetalking__face_2.mp4"]
+    anchor = closed_mouth_index(landmarks)
+    assert lip_opening(landmarks[anchor:anchor + 1], INNER_LIP_PAIRS)[0] < -0.01
+    closed = lip_landmarks[closed_mouth_index(lip_landmarks)]
+    parted = closed.copy()
+    parted[LOWER_JAW_AND_LIP, 1] += 0.04 * np.linalg.norm(closed[42:48].mean(0) - closed[36:42].mean(0))
+    lips = np.stack([closed] + [parted] * (len(crops) - 1))
+    structure = StructureFrames(model, crops, landmarks, fit, lips, renderer)
+    vertex = model.landmark_vertex
+    for t in (anchor, (anchor + 1) % len(crops)):
+        parting = lip_opening(structure.projected_mesh(t)[None, vertex, :2], INNER_LIP_PAIRS)[0]
+        assert parting > 0.02, (t, parting)
+    rig = structure.rig
+    camera = (vertex, fit.modelview[anchor], fit.projection[anchor], fit.size)
+    registered = rig.registration_motion(landmarks[anchor], *camera[1:])
+    assert rig.projected_opening(rig.vertices(registered), *camera, pairs=INNER_LIP_PAIRS) < -0.01
+    meeting = rig.projected_opening(rig.vertices(rig.uncrossed(registered, *camera)), *camera, pairs=INNER_LIP_PAIRS)
+    assert abs(meeting) < 1e-3, meeting
 
 
 def _head(fit, n):

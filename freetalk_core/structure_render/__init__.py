@@ -160,8 +160,9 @@ class StructureFrames:
         # Teeth in the identity's light: scaled by its lower face's brightness.
         skin = lower_face_mask(self.landmarks[closed[0]], size) > 0.99
         self.teeth_rgb = teeth_colour(texture_crops[int(closed[0])][skin].mean(axis=0))
-        self.identity_mouth = rig.registration_motion(self.landmarks[anchor], identity_fit.modelview[anchor],
-                                                      identity_fit.projection[anchor], identity_fit.size)
+        camera = (model.landmark_vertex, identity_fit.modelview[anchor], identity_fit.projection[anchor],
+                  identity_fit.size)
+        self.identity_mouth = rig.uncrossed(rig.registration_motion(self.landmarks[anchor], *camera[1:]), *camera)
 
         self.attributes = model.uv[np.concatenate([np.arange(len(model.uv)), rig.cavity_source])] * TEXTURE_SIZE
 

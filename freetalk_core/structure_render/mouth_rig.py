@@ -15,7 +15,13 @@ from __future__ import annotations
 import numpy as np
 
 from freetalk_core.fit_3dmm import FaceModel, project_vertices
-from freetalk_core.lips import closed_mouth_index, lip_opening, normalised_landmarks
+from freetalk_core.lips import (
+    INNER_LIP_PAIRS,
+    OUTER_LIP_PAIRS,
+    closed_mouth_index,
+    lip_opening,
+    normalised_landmarks,
+)
 
 UPPER_LIP = np.array([48, 49, 50, 51, 52, 53, 54, 60, 61, 62, 63, 64])
 LOWER_LIP = np.array([48, 54, 55, 56, 57, 58, 59, 60, 64, 65, 66, 67])
@@ -263,14 +269,32 @@ class MouthRig:
             moved[arc, 1] = y + INNER_EDGE_ROUNDING * (chord + size * shape - y)
 
     def projected_opening(self, vertices: np.ndarray, landmark_vertex: np.ndarray, modelview: np.ndarray,
-                          projection: np.ndarray, size: int) -> float:
-        """The lip opening (see `lip_distance`, in inter-ocular distances, roll removed) of
-        model-space `vertices` as this camera shows them; landmark_vertex: (68,) the model's."""
+                          projection: np.ndarray, size: int, pairs=OUTER_LIP_PAIRS) -> float:
+        """The lip opening (see `lip_opening`, in inter-ocular distances, roll removed; `pairs`:
+        the outer lip's or `INNER_LIP_PAIRS`) of model-space `vertices` as this camera shows
+        them; landmark_vertex: (68,) the model's."""
         points = np.zeros((68, 3), np.float32)
         mapped = landmark_vertex >= 0
         points[mapped] = vertices[landmark_vertex[mapped]]
         projected = project_vertices(points, modelview, projection, size)[None, :, :2]
-        return float(lip_opening(projected)[0])
+        return float(lip_opening(projected, pairs)[0])
+
+    def uncrossed(self, motion: np.ndarray, landmark_vertex: np.ndarray, modelview: np.ndarray,
+                  projection: np.ndarray, size: int) -> np.ndarray:
+        """(68, 2) `motion` with the inner lips moved apart, both by as much, until they meet
+        where this camera shows them crossed (`projected_opening` of `INNER_LIP_PAIRS` below 0).
+        A detector crosses the inner lips of some tightly closed mouths (the lower point above
+        the upper one); a rig registered so would first have to uncross them before any of a
+        lip reference's opening showed. The rig and the projection are linear: one step is exact."""
+        camera = (landmark_vertex, modelview, projection, size)
+        crossed = self.projected_opening(self.vertices(motion), *camera, pairs=INNER_LIP_PAIRS)
+        if crossed >= 0:
+            return motion
+        apart = np.zeros((68, 2), np.float32)
+        apart[[p for p, _ in INNER_LIP_PAIRS], 1] = -0.025
+        apart[[q for _, q in INNER_LIP_PAIRS], 1] = 0.025
+        slope = self.projected_opening(self.vertices(motion + apart), *camera, pairs=INNER_LIP_PAIRS) - crossed
+        return (motion + apart * (-crossed / slope)).astype(np.float32) if slope > 1e-6 else motion
 
     def registration_motion(self, landmarks: np.ndarray, modelview: np.ndarray,
                             projection: np.ndarray, size: int) -> np.ndarray:
