@@ -348,18 +348,24 @@ def _no_new_segments(folder: Path, before: set[str]) -> bool:
 
 
 def _acquire(lock: Path) -> bool:
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if _lock_is_stale(lock):
-                _unlink(lock)
-                continue
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
-        return True
-    return False
+    # The holder is written to a file of its own first and linked into place, so a lock is
+    # never seen without its holder (a writer killed between creating and filling it would
+    # leave one that no check could call stale).
+    holder = lock.with_name(f"{lock.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    holder.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}))
+    try:
+        for _ in range(2):
+            try:
+                os.link(holder, lock)
+            except FileExistsError:
+                if _lock_is_stale(lock):
+                    _unlink(lock)
+                    continue
+                return False
+            return True
+        return False
+    finally:
+        _unlink(holder)
 
 
 def _lock_is_stale(lock: Path) -> bool:
