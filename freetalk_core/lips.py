@@ -90,3 +90,22 @@ def lip_opening(landmarks: np.ndarray, pairs=OUTER_LIP_PAIRS) -> np.ndarray:
     `INNER_LIP_PAIRS`). landmarks: `(T, 68, 2)` px."""
     return raw_lip_distance(normalised_landmarks(landmarks), pairs)
 
+
+LIPS_TOUCHING = 0.03
+"""Inner-lip opening (inter-ocular distances) above a clip's smallest up to which its lips
+count as touching (`typical_closed_frames`)."""
+
+
+def typical_closed_frames(landmarks: np.ndarray, count: int, touching: float = LIPS_TOUCHING) -> np.ndarray:
+    """(<= count,) int64 frames of a person's usual closed mouth, the most typical first: the
+    frames whose lips touch (inner opening within `touching` of the clip's smallest), ordered
+    by how near their lip shape (normalised landmarks 48-67) is to the median of those frames.
+
+    The most closed frame by the outer lips (`closed_mouth_index`) is an extreme: lips pressed
+    together, their red partly hidden; a texture sampled there has paler lips than the
+    person's. landmarks: (T, 68, 2) px, T >= 1."""
+    inner = lip_opening(landmarks, INNER_LIP_PAIRS)
+    candidates = np.flatnonzero(inner <= inner.min() + touching)
+    lips = normalised_landmarks(np.asarray(landmarks)[candidates])[:, 48:68]
+    distance = np.linalg.norm(lips - np.median(lips, axis=0), axis=2).mean(axis=1)
+    return candidates[np.argsort(distance, kind="stable")][:max(count, 1)]

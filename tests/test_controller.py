@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from freetalk_core import controller, lips
+from freetalk_core.face_crop import CROP_TEMPLATE
 
 
 def _landmarks_with_openings(openings):
@@ -35,6 +36,33 @@ def test_anchor_is_the_most_closed_frame_of_the_smoothed_opening():
     h = np.array([3.0, 3.0, 0.5, 4.0, 1.0, 1.0, 1.0])
     assert lips.closed_mouth_index(_landmarks_with_openings(h)) == int(np.argmin(lips.lip_distance(
         _landmarks_with_openings(h)))) == 6
+
+
+def _closed_mouth_variants():
+    """(10, 68, 2) landmarks: frames 0-5 one closed mouth (lips touching) with a little detector
+    noise, 6 the lips pressed together, 7 pouted, 8-9 open."""
+    base = CROP_TEMPLATE.astype(np.float32).copy()
+    base[[67, 66, 65], 1] = base[[61, 62, 63], 1]
+    iod = np.linalg.norm(base[42:48].mean(0) - base[36:42].mean(0))
+    frames = np.repeat(base[None], 10, axis=0) + np.random.default_rng(0).normal(0, 0.3, (10, 68, 2))
+    frames[6, 49:54, 1] += 0.06 * iod  # pressed: the outer lip edges move towards each other
+    frames[6, 55:60, 1] -= 0.06 * iod
+    frames[7, [48, 60], 0] += 0.1 * iod  # pouted: the corners come in, the lips push out
+    frames[7, [54, 64], 0] -= 0.1 * iod
+    frames[7, 49:54, 1] -= 0.03 * iod
+    frames[7, 55:60, 1] += 0.03 * iod
+    frames[8:, [5, 6, 7, 8, 9, 10, 11, 55, 56, 57, 58, 59, 65, 66, 67], 1] += 0.15 * iod
+    return frames.astype(np.float32)
+
+
+def test_the_usual_closed_mouth_is_neither_pressed_nor_pouted_nor_open():
+    frames = _closed_mouth_variants()
+    assert int(np.argmin(lips.lip_opening(frames))) == 6  # pressed lips: the most closed by the outer lips
+    usual = lips.typical_closed_frames(frames, 10)
+    assert sorted(usual[:6].tolist()) == [0, 1, 2, 3, 4, 5]
+    assert sorted(usual[6:].tolist()) == [6, 7]  # the open frames are not closed mouths at all
+    assert lips.typical_closed_frames(frames, 3).tolist() == usual[:3].tolist()
+    assert lips.typical_closed_frames(frames[8:], 1).shape == (1,)  # always at least one frame
 
 
 def test_lambdas_ratio_with_first_one_and_clipping():

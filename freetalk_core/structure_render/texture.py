@@ -1,7 +1,7 @@
 """Texture of the identity in the SFM's UV layout, sampled from its own frames.
 
 The SFM has no colour model: a texture map in the SFM's UV layout is sampled from the
-identity's most-closed-mouth frames, each texel weighted by how squarely its surface faces the
+identity's usual closed-mouth frames, each texel weighted by how squarely its surface faces the
 camera, and merged over those frames (`extract_texture`). `lip_colour_lab` measures the lips'
 mean colour in an image from its landmarks, `lip_band_colour_lab` between any two lip outlines.
 """
